@@ -1,0 +1,1 @@
+"""Benchmarks (installed as fastp2p.bench)."""

@@ -1,0 +1,88 @@
+"""U-Net generator of pix2pix, written flat instead of as nested blocks.
+
+The reference (junyanz/pytorch-CycleGAN-and-pix2pix, ``UnetSkipConnectionBlock``) builds the net recursively and relies
+on an in-place LeakyReLU that runs *before* ``torch.cat`` reads the skip tensor, so every skip connection carries the
+activated value ``LeakyReLU(norm(conv(.)))``. Here that data flow is spelled out:
+
+    down path, level i = 1..n:  h_i = norm_i(conv_i(a_{i-1}))    (no norm at level 1 or at the innermost level n)
+                                a_i = LeakyReLU_0.2(h_i)           (a_0 = the input image, no activation)
+    up path, innermost first:   u_n = upnorm_n(upconv_n(ReLU(h_n)))
+                                u_i = dropout_i(upnorm_i(upconv_i(ReLU(cat[a_i, u_{i+1}]))))
+    output:                     tanh(upconv_1(ReLU(cat[a_1, u_2])))
+
+Keys differ from the reference; ``fastp2p.models.keys`` maps them both ways. This module is pure: no device moves, no
+compile, no speed tricks (those live in ``fastp2p.perf``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .norms import make_norm, uses_bias
+
+NUM_DOWNS = {"unet_128": 7, "unet_256": 8}
+
+
+class UnetGenerator(nn.Module):
+    def __init__(
+        self,
+        input_nc: int = 3,
+        output_nc: int = 3,
+        num_downs: int = 8,
+        ngf: int = 64,
+        norm: str = "batch",
+        use_dropout: bool = True,
+    ):
+        super().__init__()
+        if num_downs < 5:
+            raise ValueError(f"num_downs must be >= 5, got {num_downs}")
+        self.num_downs = num_downs
+        bias = uses_bias(norm)
+        # (in_channels, out_channels) of the down conv at each level, outermost first; the reference's
+        # UnetGenerator: ngf, 2ngf, 4ngf, 8ngf, then 8ngf down to the bottleneck.
+        widths = [ngf * min(2**i, 8) for i in range(num_downs)]
+        ins = [input_nc] + widths[:-1]
+        self.down = nn.ModuleList()
+        self.down_norm = nn.ModuleList()
+        self.up = nn.ModuleList()
+        self.up_norm = nn.ModuleList()
+        self.up_dropout = nn.ModuleList()
+        for i in range(num_downs):
+            outermost, innermost = i == 0, i == num_downs - 1
+            # The reference's outermost down conv uses use_bias too (it has no norm after it, but keeps the flag).
+            self.down.append(nn.Conv2d(ins[i], widths[i], 4, 2, 1, bias=bias))
+            self.down_norm.append(nn.Identity() if (outermost or innermost) else make_norm(norm, widths[i]))
+            up_in = widths[i] if innermost else widths[i] * 2
+            up_out = output_nc if outermost else ins[i]
+            self.up.append(nn.ConvTranspose2d(up_in, up_out, 4, 2, 1, bias=True if outermost else bias))
+            self.up_norm.append(nn.Identity() if outermost else make_norm(norm, up_out))
+            # Dropout sits on the ngf*8 blocks between the bottleneck and the 4ngf->8ngf level: levels 5..n-1
+            # (1-based), i.e. num_downs - 5 blocks, never the innermost one.
+            dropout = use_dropout and 4 <= i < num_downs - 1
+            self.up_dropout.append(nn.Dropout(0.5) if dropout else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        a = x
+        n = self.num_downs
+        for i in range(n):
+            h = self.down_norm[i](self.down[i](a))
+            if i == n - 1:
+                a = h  # innermost: the up path starts from ReLU(h_n)
+            else:
+                a = nn.functional.leaky_relu(h, 0.2)
+                skips.append(a)
+        u = a
+        for i in reversed(range(n)):
+            if i != n - 1:
+                u = torch.cat([skips[i], u], 1)
+            u = self.up_dropout[i](self.up_norm[i](self.up[i](torch.relu(u))))
+        return torch.tanh(u)
+
+
+def unet(netG: str = "unet_256", input_nc: int = 3, output_nc: int = 3, ngf: int = 64, norm: str = "batch",
+         use_dropout: bool = True) -> UnetGenerator:
+    if netG not in NUM_DOWNS:
+        raise ValueError(f"unknown --netG {netG!r}; choose one of {sorted(NUM_DOWNS)}")
+    return UnetGenerator(input_nc, output_nc, NUM_DOWNS[netG], ngf, norm, use_dropout)

@@ -1,0 +1,97 @@
+"""Image-folder translation with a trained generator (``fastp2p translate``).
+
+Preprocessing follows the reference's test setup (``load_size = crop_size``, no flip): the source image is resized
+with bicubic filtering to ``crop_size`` x ``crop_size`` and normalized to [-1, 1]; one PNG per input, named after its
+stem, at the model's resolution.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .checkpoint import load_generator
+from .config import ModelConfig
+from .errors import DataError, UserError
+from .inference import to_model_input, to_uint8, with_mode
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def collect_inputs(inputs: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise DataError(p, "folder holds no .png/.jpg/.jpeg images")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise UserError(f"INPUT not found: {p}")
+    stems = {}
+    for f in files:
+        if f.stem in stems:
+            raise UserError(f"INPUT: {f} and {stems[f.stem]} would both be written as {f.stem}.png; "
+                            "translate them into different output folders")
+        stems[f.stem] = f
+    return files
+
+
+def load_source(path: Path, direction: str, layout: str, size: int, nc: int) -> np.ndarray:
+    """The source half of ``path`` as uint8 HxWxC at ``size`` x ``size``."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = im.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise DataError(path, f"cannot decode image ({e})") from None
+    w, h = img.size
+    aligned = layout == "aligned" or (layout == "auto" and w == 2 * h)
+    if aligned:
+        if w % 2:
+            raise DataError(path, f"odd width {w}: an aligned A|B pair must split into two equal halves")
+        half = w // 2
+        img = img.crop((half, 0, w, h)) if direction == "BtoA" else img.crop((0, 0, half, h))
+    if nc == 1:
+        img = img.convert("L")
+    img = img.resize((size, size), Image.BICUBIC)
+    arr = np.asarray(img)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def translate_paths(inputs, checkpoint, out, *, mode="paper", direction=None, layout="auto", batch_size=1,
+                    crop_size=None, model: ModelConfig | None = None, dropout=True, device="cpu", seed=0) -> list[Path]:
+    files = collect_inputs(list(inputs))
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+    G, cfg = load_generator(checkpoint, model)
+    if cfg is not None:
+        direction = direction or cfg.data.direction
+        crop_size = crop_size or cfg.data.crop_size
+    direction, crop_size = direction or "AtoB", crop_size or 256
+    multiple = 2**G.num_downs
+    if crop_size % multiple:
+        raise UserError(f"--crop_size {crop_size} must be a multiple of {multiple} for this {G.num_downs}-level U-Net")
+    in_nc = G.down[0].in_channels
+    G = with_mode(G, mode, dropout=dropout, inplace=True).to(dev)
+    torch.manual_seed(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with torch.inference_mode():
+        for i in range(0, len(files), batch_size):
+            chunk = files[i:i + batch_size]
+            x = np.stack([load_source(f, direction, layout, crop_size, in_nc) for f in chunk])
+            y = to_uint8(G(to_model_input(torch.from_numpy(x)).to(dev))).cpu().numpy()
+            for f, img in zip(chunk, y):
+                dst = out / f"{f.stem}.png"
+                Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(dst)
+                written.append(dst)
+    return written

@@ -1,0 +1,149 @@
+import copy
+import dataclasses
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from fastp2p.config import Config, DataConfig, ModelConfig, TrainConfig, override
+from fastp2p.losses import lr_factor
+from fastp2p.models import build_discriminator, keys
+from fastp2p.models.reference import RefUnetGenerator
+from fastp2p.train import Trainer, fit
+
+
+def tiny_cfg(tmp_path, **train) -> Config:
+    return Config(
+        ModelConfig(netG="unet_128", ngf=4, ndf=4, norm="batch"),
+        DataConfig(load_size=136, crop_size=128, synthetic_size=6, num_workers=0),
+        TrainConfig(out=str(tmp_path), name="t", log_every=2, sample_every=3, save_every=100, **train),
+    )
+
+
+def reference_step(G, D, opt_G, opt_D, A, B, lambda_L1=100.0):
+    """The reference's Pix2PixModel.optimize_parameters, written out by hand."""
+    bce = nn.BCEWithLogitsLoss()
+    fake = G(A)
+    for p in D.parameters():
+        p.requires_grad = True
+    opt_D.zero_grad()
+    pred_fake = D(torch.cat((A, fake), 1).detach())
+    loss_D_fake = bce(pred_fake, torch.tensor(0.0).expand_as(pred_fake))
+    pred_real = D(torch.cat((A, B), 1))
+    loss_D_real = bce(pred_real, torch.tensor(1.0).expand_as(pred_real))
+    loss_D = (loss_D_fake + loss_D_real) * 0.5
+    loss_D.backward()
+    opt_D.step()
+    for p in D.parameters():
+        p.requires_grad = False
+    opt_G.zero_grad()
+    pred_fake = D(torch.cat((A, fake), 1))
+    loss_G_GAN = bce(pred_fake, torch.tensor(1.0).expand_as(pred_fake))
+    loss_G_L1 = nn.L1Loss()(fake, B) * lambda_L1
+    (loss_G_GAN + loss_G_L1).backward()
+    opt_G.step()
+    return loss_D.item(), loss_G_GAN.item(), loss_G_L1.item()
+
+
+@pytest.mark.parametrize("norm,dropout", [("batch", True), ("instance", False)])
+def test_train_step_equals_hand_written_reference_step(tmp_path, norm, dropout):
+    cfg = tiny_cfg(tmp_path)
+    cfg = override(cfg, norm=norm, no_dropout=not dropout)
+    tr = Trainer(cfg, "cpu")
+    G = RefUnetGenerator(3, 3, 7, 4, norm, use_dropout=dropout)
+    G.load_state_dict(keys.to_reference(tr.G.state_dict(), 7))
+    D = build_discriminator("basic", 6, 4, norm=norm, init=False)
+    D.load_state_dict(tr.D.state_dict())
+    opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    for step in range(3):
+        A, B = torch.rand(1, 3, 128, 128) * 2 - 1, torch.rand(1, 3, 128, 128) * 2 - 1
+        rng = torch.get_rng_state()
+        ref = reference_step(G, D, opt_G, opt_D, A, B)
+        torch.set_rng_state(rng)  # same dropout masks for both
+        got = tr.train_step(A, B)
+        assert got.loss_D.item() == pytest.approx(ref[0], rel=1e-4)
+        assert got.loss_G_GAN.item() == pytest.approx(ref[1], rel=1e-4)
+        assert got.loss_G_L1.item() == pytest.approx(ref[2], rel=1e-4)
+    ours = keys.to_reference(tr.G.state_dict(), 7)
+    for k, v in G.state_dict().items():
+        torch.testing.assert_close(ours[k], v, rtol=1e-4, atol=2e-6, msg=k)
+    for k, v in D.state_dict().items():
+        torch.testing.assert_close(tr.D.state_dict()[k], v, rtol=1e-4, atol=2e-6, msg=k)
+
+
+def test_linear_lr_policy_matches_reference_formula():
+    # reference: 1 - max(0, epoch + epoch_count - n_epochs) / (n_epochs_decay + 1), epoch_count = 1, epoch 0-based
+    assert [lr_factor("linear", e, 100, 100) for e in (0, 98, 99, 100, 199)] == pytest.approx(
+        [1.0, 1.0, 1.0 - 0 / 101, 1.0 - 1 / 101, 1.0 - 100 / 101])
+    assert lr_factor("step", 49, 1, 1, 50) == 1.0 and lr_factor("step", 50, 1, 1, 50) == pytest.approx(0.1)
+    assert lr_factor("cosine", 0, 10, 0) == 1.0 and lr_factor("cosine", 10, 10, 0) == pytest.approx(0.0)
+
+
+def test_amp_step_runs_and_is_finite(tmp_path):
+    tr = Trainer(dataclasses.replace(tiny_cfg(tmp_path), train=dataclasses.replace(tiny_cfg(tmp_path).train,
+                                                                                   amp=True)), "cpu")
+    for _ in range(2):
+        out = tr.train_step(torch.randn(1, 3, 128, 128).clamp(-1, 1), torch.randn(1, 3, 128, 128).clamp(-1, 1))
+    assert all(torch.isfinite(v) for v in (out.loss_D, out.loss_G_GAN, out.loss_G_L1))
+    assert tr.G.down[0].weight.dtype == torch.float32  # master weights stay fp32
+
+
+def _weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "checkpoints" / "latest.safetensors"))
+
+
+def test_resume_is_exact(tmp_path):
+    n = 4
+    straight = fit(tiny_cfg(tmp_path / "a", max_steps=2 * n), progress=False)
+    assert straight["steps"] == 2 * n
+    fit(tiny_cfg(tmp_path / "b", max_steps=n), progress=False)
+    resumed = fit(tiny_cfg(tmp_path / "b", max_steps=2 * n, resume=True), progress=False)
+    assert resumed["steps"] == 2 * n
+    wa, wb = _weights(tmp_path / "a" / "t"), _weights(tmp_path / "b" / "t")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_run_folder_contents(tmp_path):
+    fit(tiny_cfg(tmp_path, max_steps=6), progress=False)
+    run = tmp_path / "t"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for key in ("step", "epoch", "loss_D", "loss_G_GAN", "loss_G_L1", "lr", "img_per_s", "data_wait_frac"):
+        assert key in rows[0]
+    assert 0.0 <= rows[-1]["data_wait_frac"] <= 1.0
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
+    assert (run / "loss_curve.png").stat().st_size > 1000
+    meta = json.loads((run / "checkpoints" / "latest.json").read_text())
+    assert meta["step"] == 6 and meta["preprocessing"]["crop_size"] == 128
+    assert json.loads((run / "config.json").read_text())["model"]["ngf"] == 4
+
+
+def test_existing_run_needs_resume(tmp_path):
+    from fastp2p.errors import UserError
+
+    fit(tiny_cfg(tmp_path, max_steps=1), progress=False)
+    with pytest.raises(UserError, match="--resume"):
+        fit(tiny_cfg(tmp_path, max_steps=2), progress=False)
+
+
+@pytest.mark.slow
+def test_loss_decreases_on_facades_subset(tmp_path, facades):
+    import shutil
+
+    sub = tmp_path / "facades" / "train"
+    sub.mkdir(parents=True)
+    for i in range(1, 9):
+        shutil.copy(facades / "train" / f"{i}.jpg", sub / f"{i}.jpg")
+    cfg = Config(ModelConfig(netG="unet_128", ngf=16, ndf=16),
+                 DataConfig(data=str(tmp_path / "facades"), direction="BtoA", load_size=128, crop_size=128,
+                            num_workers=0, no_flip=True),
+                 TrainConfig(out=str(tmp_path), name="f", max_steps=160, log_every=40, sample_every=1000, seed=1))
+    fit(cfg, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss_G_L1"] < 0.8 * rows[0]["loss_G_L1"], rows
