@@ -135,7 +135,8 @@ def load_reference_pth(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path}: cannot read as a reference pix2pix .pth state dict ({type(e).__name__}: {e})") from None
+        why = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise UserError(f"{path}: cannot read as a reference pix2pix .pth state dict ({why})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UserError(f"{path}: not a plain state dict of tensors (expected the reference's latest_net_G.pth)")
     return sd

@@ -78,7 +78,7 @@ def cmd_train(args) -> int:
     from .train import fit
 
     base = preset(args.preset)
-    fields = {k: v for k, v in vars(args).items() if k not in ("preset", "func", "command", "no_progress")}
+    fields = {k: v for k, v in vars(args).items() if k not in ("preset", "func", "command", "no_progress", "verbose")}
     if fields.get("data") is not None and not Path(fields["data"]).exists():
         raise UserError(f"--data: no such folder: {fields['data']}")
     cfg = override(base, **fields)

@@ -72,11 +72,12 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
+    def from_dict(cls, d: dict) -> Config:
         def build(kls, sub):
             names = {f.name for f in dataclasses.fields(kls)}
             return kls(**{k: v for k, v in (sub or {}).items() if k in names})
-        return cls(build(ModelConfig, d.get("model")), build(DataConfig, d.get("data")), build(TrainConfig, d.get("train")))
+        return cls(build(ModelConfig, d.get("model")), build(DataConfig, d.get("data")),
+                   build(TrainConfig, d.get("train")))
 
 
 # Named presets. "facades" is the paper's recipe for CMP Facades labels->photo; "debug" is a tiny net that trains on

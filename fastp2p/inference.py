@@ -37,7 +37,7 @@ def with_mode(G: nn.Module, mode: str, dropout: bool = True, inplace: bool = Fal
     G = G if inplace else copy.deepcopy(G)
     if mode == "eval":
         return G.eval().requires_grad_(False)
-    for name, m in list(G.named_modules()):
+    for _name, m in list(G.named_modules()):
         for child_name, child in list(m.named_children()):
             if isinstance(child, nn.BatchNorm2d):
                 setattr(m, child_name, PerSampleBatchNorm(child))

@@ -102,7 +102,7 @@ class RunReporter:
 
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
         steps = [r["step"] for r in rows]
-        for ax, k in zip(axes, LOSS_KEYS):
+        for ax, k in zip(axes, LOSS_KEYS, strict=False):
             ax.plot(steps, [r[k] for r in rows])
             ax.set_title(k)
             ax.set_xlabel("step")

@@ -190,7 +190,7 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
 
 
-# -- the training loop ---------------------------------------------------------------------------------------------------
+# -- the training loop --
 class _Interrupt(Exception):
     pass
 

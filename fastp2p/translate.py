@@ -67,6 +67,8 @@ def load_source(path: Path, direction: str, layout: str, size: int, nc: int) -> 
 
 def translate_paths(inputs, checkpoint, out, *, mode="paper", direction=None, layout="auto", batch_size=1,
                     crop_size=None, model: ModelConfig | None = None, dropout=True, device="cpu", seed=0) -> list[Path]:
+    if not Path(checkpoint).is_file():
+        raise UserError(f"--checkpoint not found: {checkpoint}")
     files = collect_inputs(list(inputs))
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -90,7 +92,7 @@ def translate_paths(inputs, checkpoint, out, *, mode="paper", direction=None, la
             chunk = files[i:i + batch_size]
             x = np.stack([load_source(f, direction, layout, crop_size, in_nc) for f in chunk])
             y = to_uint8(G(to_model_input(torch.from_numpy(x)).to(dev))).cpu().numpy()
-            for f, img in zip(chunk, y):
+            for f, img in zip(chunk, y, strict=False):
                 dst = out / f"{f.stem}.png"
                 Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(dst)
                 written.append(dst)

@@ -1,4 +1,3 @@
-import copy
 import dataclasses
 import json
 
@@ -57,7 +56,7 @@ def test_train_step_equals_hand_written_reference_step(tmp_path, norm, dropout):
     D.load_state_dict(tr.D.state_dict())
     opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    for step in range(3):
+    for _step in range(3):
         A, B = torch.rand(1, 3, 128, 128) * 2 - 1, torch.rand(1, 3, 128, 128) * 2 - 1
         rng = torch.get_rng_state()
         ref = reference_step(G, D, opt_G, opt_D, A, B)
@@ -66,11 +65,24 @@ def test_train_step_equals_hand_written_reference_step(tmp_path, norm, dropout):
         assert got.loss_D.item() == pytest.approx(ref[0], rel=1e-4)
         assert got.loss_G_GAN.item() == pytest.approx(ref[1], rel=1e-4)
         assert got.loss_G_L1.item() == pytest.approx(ref[2], rel=1e-4)
+    # Adam moves every weight by ~lr = 2e-4 per step whatever the gradient's size, so a rounding difference in a
+    # near-zero gradient can move one element by a fraction of a step: compare at 10% of one step.
+    # A conv bias right before an instance norm has an exactly-zero true gradient (the norm removes it), so Adam turns
+    # rounding noise into full steps there, in the reference as here: those biases are not comparable.
+    dead = {f"{kind}.{i}.bias" for kind in ("down", "up") for i, n in enumerate(getattr(tr.G, kind + "_norm"))
+            if isinstance(n, nn.InstanceNorm2d)}
+    dead = set(keys.to_reference({k: torch.zeros(1) for k in dead}, 7))
     ours = keys.to_reference(tr.G.state_dict(), 7)
     for k, v in G.state_dict().items():
-        torch.testing.assert_close(ours[k], v, rtol=1e-4, atol=2e-6, msg=k)
+        if k in dead:
+            continue
+        torch.testing.assert_close(ours[k], v, rtol=0, atol=2e-5, msg=lambda m, k=k: f"{k}: {m}")
+    layers = list(tr.D.model)
+    dead_d = {f"model.{i}.bias" for i in range(len(layers) - 1) if isinstance(layers[i + 1], nn.InstanceNorm2d)}
     for k, v in D.state_dict().items():
-        torch.testing.assert_close(tr.D.state_dict()[k], v, rtol=1e-4, atol=2e-6, msg=k)
+        if k in dead_d:
+            continue
+        torch.testing.assert_close(tr.D.state_dict()[k], v, rtol=0, atol=2e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_linear_lr_policy_matches_reference_formula():

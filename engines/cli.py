@@ -1,0 +1,163 @@
+"""``fastp2p export`` and ``fastp2p build-engine``: ``add_subcommands(subparsers)`` adds both to the main parser.
+
+    fastp2p export CKPT -o G.onnx [--mode paper|eval] [--precision fp32|fp16|bf16] [--dynamic] [--opset N]
+    fastp2p build-engine CKPT|G.onnx -o G.plan [--backend tensorrt|onnxruntime] [--precision fp16|bf16|fp32]
+                         [--batch MIN,OPT,MAX]
+
+Each subcommand sets ``func`` (``args -> exit status``); failures raise ``UserError`` (one line, exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fastp2p.errors import UserError
+
+
+def _add_export_flags(p: argparse.ArgumentParser, *, precision_default: str | None) -> None:
+    from fastp2p import cli as core  # imported here: fastp2p.cli imports this module
+
+    p.add_argument("--mode", choices=("paper", "eval"), default="paper",
+                   help="paper: per-image statistics (instance-norm arithmetic with the batch-norm affine); "
+                        "eval: running statistics folded into the convolutions, no dropout")
+    drop = p.add_mutually_exclusive_group()
+    drop.add_argument("--paper_dropout", action="store_true",
+                      help="paper mode with the paper's dropout baked in as random masks (a new draw every call)")
+    drop.add_argument("--no_dropout_at_inference", action="store_true",
+                      help="paper mode without dropout: deterministic (the default for exports)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=precision_default,
+                   help="weights and activations (input/output stay float32); bf16 needs opset 22")
+    p.add_argument("--dynamic", action="store_true",
+                   help="dynamic height and width (multiples of 2^num_downs); the batch is always dynamic")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 22 for bf16; at least 17)")
+    p.add_argument("--crop_size", type=core._positive, default=None,
+                   help="model input size (default: the checkpoint's; 256 for a reference .pth)")
+    p.add_argument("--direction", choices=("AtoB", "BtoA"), default=None,
+                   help="recorded in the metadata (default: the checkpoint's, else AtoB)")
+    p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                   help="torch.onnx exporter (auto: dynamo when onnxscript is installed)")
+    core._add_arch(p)
+
+
+def add_subcommands(sub) -> None:
+    """Add ``export`` and ``build-engine`` to the ``fastp2p`` subparsers."""
+    p = sub.add_parser("export", help="export the generator to ONNX",
+                       description="Export the generator of a fastp2p checkpoint or a reference .pth to ONNX, in an "
+                                   "explicit inference mode.")
+    p.add_argument("src", metavar="CHECKPOINT", help="fastp2p .safetensors or reference latest_net_G.pth")
+    p.add_argument("-o", "--out", required=True, help="output .onnx")
+    _add_export_flags(p, precision_default="fp32")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("build-engine", help="build a TensorRT engine (or an optimized ONNX Runtime model)",
+                       description="Build an inference engine from a checkpoint (exported to ONNX first) or an "
+                                   "exported .onnx.")
+    p.add_argument("src", metavar="CHECKPOINT|ONNX", help="fastp2p .safetensors, reference .pth, or G.onnx")
+    p.add_argument("-o", "--out", required=True, help="output: G.plan (tensorrt) or G.ort.onnx (onnxruntime)")
+    p.add_argument("--backend", choices=("tensorrt", "onnxruntime"), default="tensorrt")
+    p.add_argument("--batch", default="1,8,32", help="TensorRT profile batch sizes MIN,OPT,MAX (default 1,8,32)")
+    p.add_argument("--hw", default=None,
+                   help="TensorRT profile sizes MIN,OPT,MAX for a --dynamic export (default size_multiple,crop,crop)")
+    p.add_argument("--opt_level", type=int, choices=range(6), default=3, metavar="0-5",
+                   help="TensorRT builder optimization level (default 3)")
+    p.add_argument("--workspace", type=int, default=4096, help="TensorRT workspace limit in MiB (default 4096)")
+    p.add_argument("--timing_cache", default=None,
+                   help="persistent TensorRT timing cache file (default ~/.cache/fastp2p/tensorrt/timing.cache)")
+    p.add_argument("--tf32", action="store_true", help="let TensorRT use TF32 for fp32 layers")
+    p.add_argument("--onnx", default=None,
+                   help="where to write the intermediate ONNX of a checkpoint (default: -o with suffix .onnx)")
+    _add_export_flags(p, precision_default=None)
+    p.set_defaults(func=cmd_build_engine)
+
+
+def _arch(args):
+    from fastp2p import cli as core
+
+    return core._arch_from(args)
+
+
+def _export_kwargs(args, precision: str) -> dict:
+    return {"mode": args.mode, "dropout": bool(args.paper_dropout), "precision": precision, "dynamic": args.dynamic,
+            "opset": args.opset, "model": _arch(args), "direction": args.direction, "crop_size": args.crop_size,
+            "exporter": args.exporter}
+
+
+def _check_mode_flags(args) -> None:
+    if args.mode == "eval" and args.paper_dropout:
+        raise UserError("--paper_dropout: eval mode has no dropout; use --mode paper")
+
+
+def cmd_export(args) -> int:
+    from .onnx import export_onnx
+
+    _check_mode_flags(args)
+    out = export_onnx(args.src, args.out, **_export_kwargs(args, args.precision))
+    print(f"wrote {out} ({args.mode} mode{', dropout on' if args.paper_dropout else ''}, {args.precision}"
+          f"{', dynamic H,W' if args.dynamic else ''})")
+    return 0
+
+
+def cmd_build_engine(args) -> int:
+    from .onnx import read_onnx_meta
+    from .tensorrt import parse_triple
+
+    _check_mode_flags(args)
+    src, out = Path(args.src), Path(args.out)
+    if not src.is_file():
+        raise UserError(f"not found: {src}")
+    batch = parse_triple(args.batch, "--batch")
+    hw = parse_triple(args.hw, "--hw") if args.hw else None
+    from_onnx = src.suffix == ".onnx"
+    if args.backend == "tensorrt":
+        from .runtime import TRT_SUFFIXES
+
+        if out.suffix not in TRT_SUFFIXES:
+            raise UserError(f"-o {out}: a TensorRT engine is written as *.plan")
+    elif out.suffix != ".onnx":
+        raise UserError(f"-o {out}: --backend onnxruntime writes an optimized ONNX file; name it *.onnx")
+
+    if from_onnx:
+        meta = read_onnx_meta(src)
+        if args.precision and args.precision != meta.get("precision"):
+            raise UserError(f"--precision {args.precision}: {src} was exported in {meta.get('precision')} and "
+                            "TensorRT builds strongly typed networks; re-export the checkpoint with "
+                            f"`fastp2p export --precision {args.precision}`")
+        onnx_path = src
+    else:
+        from .onnx import export_onnx
+
+        precision = args.precision or ("fp16" if args.backend == "tensorrt" else "fp32")
+        if args.backend == "tensorrt":
+            onnx_path = Path(args.onnx) if args.onnx else out.with_suffix(".onnx")
+        else:
+            onnx_path = Path(args.onnx) if args.onnx else out.with_name(out.stem.removesuffix(".ort") + ".src.onnx")
+        if onnx_path.resolve() == out.resolve():
+            raise UserError(f"--onnx {onnx_path}: same file as -o; choose another name")
+        export_onnx(src, onnx_path, **_export_kwargs(args, precision))
+        print(f"wrote {onnx_path} ({args.mode} mode, {precision})")
+
+    if args.backend == "onnxruntime":
+        from .onnxruntime import optimize_onnx
+
+        optimize_onnx(onnx_path, out)
+        print(f"wrote {out} and {out}.json (ONNX Runtime optimized graph)")
+        return 0
+
+    from . import tensorrt as engine_trt
+
+    shapes = engine_trt.profile_shapes(read_onnx_meta(onnx_path), batch, hw)
+    ok, why = engine_trt.tensorrt_available()
+    if not ok:
+        cmd = engine_trt.trtexec_command(onnx_path, out, shapes, opt_level=args.opt_level,
+                                         workspace_mib=args.workspace, timing_cache=args.timing_cache, tf32=args.tf32)
+        print("equivalent trtexec command, for a machine with TensorRT >= 10 and an NVIDIA GPU:")
+        print(cmd)
+        raise UserError(f"no TensorRT engine built: {why} on this machine, so run the trtexec command above (or "
+                        f"`fastp2p build-engine {onnx_path} -o {out}`) on a machine with TensorRT >= 10 and an "
+                        "NVIDIA GPU")
+    engine_trt.build_engine(onnx_path, out, batch=batch, hw=hw, opt_level=args.opt_level,
+                            workspace_mib=args.workspace, timing_cache=args.timing_cache, tf32=args.tf32,
+                            verbose=getattr(args, "verbose", False))
+    print(f"wrote {out} and {engine_trt.sidecar_path(out).name}")
+    return 0
