@@ -42,6 +42,8 @@ def _add_train(sub) -> None:
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the step functions")
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC memory format (default: on with CUDA, off on CPU where it measured slower)")
+    p.add_argument("--kernels", choices=("triton", "torch"), default=None,
+                   help="fused Triton norm+activation kernels or PyTorch's (default: triton with CUDA, else torch)")
     p.add_argument("--max_steps", type=_positive, default=None, help="stop after N iterations")
     p.add_argument("--resume", action="store_true", default=None, help="continue <out>/<name> from its checkpoint")
     _add_arch(p)

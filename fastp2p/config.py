@@ -56,6 +56,7 @@ class TrainConfig:
     amp: bool = False
     compile: bool = False
     channels_last: bool | None = None  # None: on for CUDA, off on CPU (measured slower there, see fastp2p.perf)
+    kernels: str | None = None  # triton | torch; None: triton when CUDA and Triton are present, torch otherwise
     log_every: int = 50
     sample_every: int = 500
     save_every: int = 1000

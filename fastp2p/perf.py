@@ -22,6 +22,7 @@ every number below comes from interleaved repeats and should be read as +-10%.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import ctypes.util
@@ -38,22 +39,30 @@ log = logging.getLogger("fastp2p.perf")
 # Rules, with the measurements that set them
 # ---------------------------------------------------------------------------------------------------------------------
 # A conv layer goes through the GEMM path when its matmul has at most GEMM_MAX_ROWS rows: N*H*W input positions for a
-# ConvTranspose2d, N*Ho*Wo output positions for a Conv2d. Per layer fwd+bwd, batch 1, native oneDNN vs GEMM (ms):
-#   ConvT 512->512  in 1x1  (rows 1):    8.4 vs  2.9      Conv 512->512 in 2x2  (rows 1):   8.0 vs  3.2
-#   ConvT 1024->512 in 2x2  (rows 4):   18.4 vs 13.3      Conv 512->512 in 4x4  (rows 4):   9.7 vs  7.1
-#   ConvT 1024->512 in 4x4  (rows 16):  20.8 vs 11.9      Conv 512->512 in 8x8  (rows 16): 10.0 vs  6.8
-#   ConvT 1024->512 in 8x8  (rows 64):  31.0 vs 26.1      Conv 512->512 in 16x16 (rows 64): 14 vs 14 (a tie)
-#   ConvT 1024->256 in 16x16 (rows 256): 38.7 vs 42.9     Conv 256->512 in 32x32 (rows 256): 17.8 vs 22.4
-# (with glibc's default malloc the native side is far slower still: ConvT 1024->512 at 2x2 61 ms vs GEMM 23 ms, see
-# ``tune_malloc``). Batch 8 agrees on rows, not on spatial size: ConvT 1024->512 at 2x2 (rows 32) 38.8 vs 19.4 ms,
-# at 4x4 (rows 128) 55 vs 46 ms, at 8x8 (rows 512) 356 vs 358 ms. Whole training step, batch 1 (fused Adam, D and G):
-# max rows 16 -> 633/646 ms, 64 -> 614/604 ms, 256 -> 613/623 ms; 64 is kept (it is never worse per layer).
+# ConvTranspose2d, N*Ho*Wo output positions for a Conv2d. Per layer fwd+bwd, batch 1, native oneDNN vs GEMM, ms (one
+# quiet interleaved run, glibc's default malloc):
+#   ConvT 512->512  in 1x1   (rows 1):    18.2 vs  3.4     Conv 512->512 in 2x2   (rows 1):    7.6 vs  3.3
+#   ConvT 1024->512 in 2x2   (rows 4):    57.4 vs 21.6     Conv 512->512 in 4x4   (rows 4):   14.1 vs  6.1
+#   ConvT 1024->512 in 4x4   (rows 16):   58.4 vs 21.9     Conv 512->512 in 8x8   (rows 16):   9.9 vs  6.5
+#   ConvT 1024->512 in 8x8   (rows 64):   69.8 vs 34.6     Conv 512->512 in 16x16 (rows 64):  16.0 vs 14.4
+#   ConvT 1024->256 in 16x16 (rows 256):  48.4 vs 38.6     Conv 256->512 in 32x32 (rows 256): 18.3 vs 20.8
+#   ConvT 512->128  in 32x32 (rows 1024): 33.3 vs 39.4     Conv 128->256 in 64x64 (rows 1024): 17.2 vs 23.0
+# With ``tune_malloc`` the native side loses its page faults and the margins shrink (ConvT 2x2 18.4 vs 13.3, 4x4 20.8
+# vs 11.9, 8x8 31.0 vs 26.1, 16x16 38.7 vs 42.9). Batch 8 agrees on rows, not on spatial size: ConvT 1024->512 at 2x2
+# (rows 32) 38.8 vs 19.4 ms, at 4x4 (rows 128) 55 vs 46 ms, at 8x8 (rows 512) 356 vs 358 ms. Whole training step,
+# batch 1 (G+D, fused Adam), two interleaved runs: max rows 16 -> 633/646 ms, 64 -> 614/604 ms, 256 -> 613/623 ms.
+# 64 is kept: never worse per layer, and in the step as good as 256.
 GEMM_MAX_ROWS = 64
 # Products with fewer rows than this are computed with the activations on the left, (rows, Cin) @ (Cin, K); with
 # more, the weight goes on the left, (K, Cin) @ (Cin, rows). MKL's sgemm is slow for a thin right-hand operand: for
 # a 1024x8192 weight and 4 rows, (4,1024)@(1024,8192) takes 4.7 ms but (8192,1024)@(1024,4) 24 ms; from 16 rows up the
 # weight-left form is ~10% faster (64 rows: 9.2 vs 10.6 ms).
 GEMM_ROWS_FIRST_BELOW = 16
+# Layers with at most this many output columns K = out_channels*kh*kw (the PatchGAN's last conv 512->1: 16; the
+# U-Net's last ConvTranspose2d 128->3: 48) take a GEMM path at any size: oneDNN is slow with 1-3 output channels.
+# PatchGAN 512->1, 4x4, stride 1 on 31x31, fwd+bwd: native 3.9 ms vs 1.8 ms (fwd alone 1.3 vs 0.45 ms; it runs three
+# times a step). U-Net ConvTranspose2d 128->3 on 128x128, fwd+bwd: native 10.6 vs GEMM 9.3 ms (fwd 6.9 vs 3.7 ms).
+GEMM_SMALL_OUT_COLS = 64
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -156,6 +165,53 @@ class _ConvGemm(torch.autograd.Function):
         return gx, gw, gb, None, None, None
 
 
+class _ConvSmallOutGemm(torch.autograd.Function):
+    """Conv2d with few output columns K = Cout*kh*kw (dilation 1): Z = W' xpad, a (K, Cin) @ (Cin, Hp*Wp) matmul over
+    the padded input, then y = the sum over the kh*kw taps of strided, shifted slices of Z. Never materializes the
+    (Cin*kh*kw, Ho*Wo) im2col matrix, which for a 512->1 conv is 1000x larger than the output."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, stride, padding):
+        N, Cin, H, W = x.shape
+        Cout, _, kh, kw = w.shape
+        (sh, sw), (ph, pw) = stride, padding
+        Hp, Wp = H + 2 * ph, W + 2 * pw
+        Ho, Wo = (Hp - kh) // sh + 1, (Wp - kw) // sw + 1
+        xp = F.pad(x, (pw, pw, ph, ph)).reshape(N, Cin, Hp * Wp)
+        wk = w.permute(0, 2, 3, 1).reshape(Cout * kh * kw, Cin)
+        Z = torch.matmul(wk, xp).view(N, Cout, kh, kw, Hp, Wp)
+        y = None
+        for ky in range(kh):
+            for kx in range(kw):
+                s = Z[:, :, ky, kx, ky:ky + sh * (Ho - 1) + 1:sh, kx:kx + sw * (Wo - 1) + 1:sw]
+                y = s.clone(memory_format=torch.contiguous_format) if y is None else y.add_(s)
+        if b is not None:
+            y += b.view(1, -1, 1, 1)
+        ctx.save_for_backward(xp, wk)
+        ctx.conf = (H, W, Cout, kh, kw, sh, sw, ph, pw, Hp, Wp, Ho, Wo, b is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xp, wk = ctx.saved_tensors
+        H, W, Cout, kh, kw, sh, sw, ph, pw, Hp, Wp, Ho, Wo, has_bias = ctx.conf
+        N, Cin = xp.shape[:2]
+        gZ = gy.new_zeros(N, Cout, kh, kw, Hp, Wp)
+        for ky in range(kh):
+            for kx in range(kw):
+                gZ[:, :, ky, kx, ky:ky + sh * (Ho - 1) + 1:sh, kx:kx + sw * (Wo - 1) + 1:sw] = gy
+        gZ = gZ.view(N, Cout * kh * kw, Hp * Wp)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.matmul(wk.t(), gZ).view(N, Cin, Hp, Wp)[:, :, ph:ph + H, pw:pw + W].contiguous()
+        if ctx.needs_input_grad[1]:
+            gwk = gZ[0] @ xp[0].t() if N == 1 else torch.matmul(gZ, xp.transpose(1, 2)).sum(0)
+            gw = gwk.view(Cout, kh, kw, Cin).permute(0, 3, 1, 2).contiguous()
+        if has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum((0, 2, 3))
+        return gx, gw, gb, None, None
+
+
 def gemm_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1) -> torch.Tensor:
     """``F.conv2d`` (groups=1, zero padding, int/tuple padding) as unfold + matmul; same values (up to fp32 rounding)
     and the same gradients for x, weight and bias."""
@@ -199,52 +255,85 @@ def gemm_rows(m: nn.Module, input_shape) -> int:
     return N * Ho * Wo
 
 
-def _use_gemm(m: nn.Module, x: torch.Tensor) -> bool:
-    # CPU fp32/fp64 only: under autocast (bf16) and on CUDA the native kernels are used.
-    return (x.device.type == "cpu" and x.dim() == 4 and x.is_floating_point() and x.dtype == m.weight.dtype
-            and not torch.is_autocast_enabled("cpu") and gemm_rows(m, x.shape) <= m.gemm_max_rows)
+def _out_cols(m: nn.Module) -> int:
+    return m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+
+
+def gemm_path(m: nn.Module, input_shape, max_rows: int | None = None, small_out_cols: int | None = None) -> str | None:
+    """Which path a (Gemm)Conv layer takes for ``input_shape``: "gemm" (few rows), "small_out" (Conv2d with few output
+    columns, see ``GEMM_SMALL_OUT_COLS``) or None (native). A ConvTranspose2d with few output columns uses "gemm".
+    The limits default to the layer's own (``from_native``), else to the module constants."""
+    if not _gemm_supported(m):
+        return None
+    max_rows = getattr(m, "gemm_max_rows", GEMM_MAX_ROWS) if max_rows is None else max_rows
+    small_cols = getattr(m, "gemm_small_out_cols", GEMM_SMALL_OUT_COLS) if small_out_cols is None else small_out_cols
+    if gemm_rows(m, input_shape) <= max_rows:
+        return "gemm"
+    if _out_cols(m) <= small_cols:
+        if isinstance(m, nn.ConvTranspose2d):
+            return "gemm"
+        if tuple(m.dilation) == (1, 1):
+            return "small_out"
+    return None
+
+
+def _gemm_path_now(m: nn.Module, x: torch.Tensor) -> str | None:
+    # CPU only, not under autocast (bf16: the native kernels are used), weights and input of one dtype.
+    if (x.device.type != "cpu" or x.dim() != 4 or not x.is_floating_point() or x.dtype != m.weight.dtype
+            or torch.is_autocast_enabled("cpu")):
+        return None
+    return gemm_path(m, x.shape)
 
 
 class GemmConv2d(nn.Conv2d):
     """An ``nn.Conv2d`` that computes through ``gemm_conv2d`` when its GEMM has at most ``gemm_max_rows`` rows
-    (N*Ho*Wo) and through the native kernel otherwise; decided per call, so any crop or batch size is fine. Same
-    parameters and state_dict keys as the ``nn.Conv2d`` it was made from (``from_native`` swaps the class in place)."""
+    (N*Ho*Wo), through ``_ConvSmallOutGemm`` when it has at most ``gemm_small_out_cols`` output columns, and through
+    the native kernel otherwise (``gemm_path``); decided per call, so any crop or batch size is fine. Same parameters
+    and state_dict keys as the ``nn.Conv2d`` it was made from (``from_native`` swaps the class in place)."""
 
     gemm_max_rows: int = GEMM_MAX_ROWS
+    gemm_small_out_cols: int = GEMM_SMALL_OUT_COLS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_gemm(self, x):
+        path = _gemm_path_now(self, x)
+        if path == "gemm":
             return _ConvGemm.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        if path == "small_out":
+            return _ConvSmallOutGemm.apply(x, self.weight, self.bias, self.stride, self.padding)
         return super().forward(x)
 
     @classmethod
-    def from_native(cls, m: nn.Conv2d, max_rows: int = GEMM_MAX_ROWS) -> "GemmConv2d":
+    def from_native(cls, m: nn.Conv2d, max_rows: int = GEMM_MAX_ROWS,
+                    small_out_cols: int = GEMM_SMALL_OUT_COLS) -> GemmConv2d:
         """Turn ``m`` itself into a GemmConv2d (same object, same Parameters) and return it."""
         if type(m) not in (nn.Conv2d, cls) or not _gemm_supported(m):
             raise TypeError(f"needs a plain nn.Conv2d with groups=1, zero padding given as numbers; got {m!r}")
         m.__class__ = cls
-        m.gemm_max_rows = max_rows
+        m.gemm_max_rows, m.gemm_small_out_cols = max_rows, small_out_cols
         return m
 
 
 class GemmConvTranspose2d(nn.ConvTranspose2d):
     """An ``nn.ConvTranspose2d`` that computes through ``gemm_conv_transpose2d`` when its GEMM has at most
-    ``gemm_max_rows`` rows (N*H*W of the input), natively otherwise. See ``GemmConv2d``."""
+    ``gemm_max_rows`` rows (N*H*W of the input) or at most ``gemm_small_out_cols`` columns (Cout*kh*kw), natively
+    otherwise. See ``GemmConv2d``."""
 
     gemm_max_rows: int = GEMM_MAX_ROWS
+    gemm_small_out_cols: int = GEMM_SMALL_OUT_COLS
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        if _use_gemm(self, x):
+        if _gemm_path_now(self, x) is not None:
             op = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, 2, self.dilation)
             return gemm_conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding, op, self.dilation)
         return super().forward(x, output_size)
 
     @classmethod
-    def from_native(cls, m: nn.ConvTranspose2d, max_rows: int = GEMM_MAX_ROWS) -> "GemmConvTranspose2d":
+    def from_native(cls, m: nn.ConvTranspose2d, max_rows: int = GEMM_MAX_ROWS,
+                    small_out_cols: int = GEMM_SMALL_OUT_COLS) -> GemmConvTranspose2d:
         if type(m) not in (nn.ConvTranspose2d, cls) or not _gemm_supported(m):
             raise TypeError(f"needs a plain nn.ConvTranspose2d with groups=1 and zero padding; got {m!r}")
         m.__class__ = cls
-        m.gemm_max_rows = max_rows
+        m.gemm_max_rows, m.gemm_small_out_cols = max_rows, small_out_cols
         return m
 
 
@@ -268,35 +357,37 @@ def conv_input_shapes(model: nn.Module, example_shape) -> dict[str, tuple[int, .
     return shapes
 
 
-def gemm_plan(model: nn.Module, example_shape, max_rows: int = GEMM_MAX_ROWS) -> list[dict]:
-    """Which layers ``apply_gemm_convs`` would route through GEMM for inputs of ``example_shape``."""
+def gemm_plan(model: nn.Module, example_shape, max_rows: int = GEMM_MAX_ROWS,
+              small_out_cols: int = GEMM_SMALL_OUT_COLS) -> list[dict]:
+    """For inputs of ``example_shape``: each conv layer's input shape, GEMM rows and path ("gemm", "small_out" or
+    None = native) under ``apply_gemm_convs``'s rule."""
     shapes = conv_input_shapes(model, example_shape)
-    plan = []
-    for name, m in model.named_modules():
-        if name in shapes:
-            rows = gemm_rows(m, shapes[name])
-            plan.append({"name": name, "kind": type(m).__name__, "input_shape": shapes[name], "rows": rows,
-                         "gemm": _gemm_supported(m) and rows <= max_rows})
-    return plan
+    return [{"name": name, "kind": type(m).__name__, "input_shape": shapes[name], "rows": gemm_rows(m, shapes[name]),
+             "path": gemm_path(m, shapes[name], max_rows, small_out_cols)}
+            for name, m in model.named_modules() if name in shapes]
 
 
-def apply_gemm_convs(model: nn.Module, max_rows: int = GEMM_MAX_ROWS, example_shape=None) -> nn.Module:
+def apply_gemm_convs(model: nn.Module, max_rows: int = GEMM_MAX_ROWS, example_shape=None,
+                     small_out_cols: int = GEMM_SMALL_OUT_COLS) -> nn.Module:
     """Swap ``model``'s Conv2d/ConvTranspose2d layers to their GEMM versions, in place; returns ``model``.
 
-    Each swapped layer decides per call: GEMM while its matmul has <= ``max_rows`` rows (see ``GEMM_MAX_ROWS``),
-    native otherwise. With ``example_shape`` (N, C, H, W) only the layers that take the GEMM path at that input size
-    are swapped (one probe forward); without it every supported layer is swapped and the per-call rule alone decides.
+    Each swapped layer decides per call (``gemm_path``): GEMM while its matmul has <= ``max_rows`` rows (see
+    ``GEMM_MAX_ROWS``) or, whatever its size, when it has <= ``small_out_cols`` output columns
+    (``GEMM_SMALL_OUT_COLS``); native otherwise. With ``example_shape`` (N, C, H, W) only the layers that take a GEMM
+    path at that input size are swapped (one probe forward); without it every supported layer is swapped and the
+    per-call rule alone decides.
     Parameters, state_dict keys, hooks and ``isinstance(m, nn.Conv2d)`` are unchanged."""
     selected = None
     if example_shape is not None:
-        selected = {p["name"] for p in gemm_plan(model, example_shape, max_rows) if p["gemm"]}
+        plan = gemm_plan(model, example_shape, max_rows, small_out_cols)
+        selected = {p["name"] for p in plan if p["path"] is not None}
     for name, m in model.named_modules():
         if selected is not None and name not in selected:
             continue
         if type(m) in (nn.Conv2d, GemmConv2d) and _gemm_supported(m):
-            GemmConv2d.from_native(m, max_rows)
+            GemmConv2d.from_native(m, max_rows, small_out_cols)
         elif type(m) in (nn.ConvTranspose2d, GemmConvTranspose2d) and _gemm_supported(m):
-            GemmConvTranspose2d.from_native(m, max_rows)
+            GemmConvTranspose2d.from_native(m, max_rows, small_out_cols)
     return model
 
 
@@ -310,6 +401,7 @@ def remove_gemm_convs(model: nn.Module) -> nn.Module:
         else:
             continue
         m.__dict__.pop("gemm_max_rows", None)
+        m.__dict__.pop("gemm_small_out_cols", None)
     return model
 
 
@@ -319,9 +411,10 @@ def remove_gemm_convs(model: nn.Module) -> nn.Module:
 def apply_channels_last(model: nn.Module) -> nn.Module:
     """``model.to(memory_format=torch.channels_last)`` (in place; feed it channels-last inputs too).
 
-    Used on CUDA only. On this CPU it is slower for eager fp32 training: whole step (fused Adam) 622 ms NCHW vs
-    722 ms channels-last; and the GEMM path gains nothing from it. Eager inference, batch 1: 128 vs 118 ms (-8%),
-    batch 8: 804 vs 673 ms; the prepacked/compiled inference paths are unaffected by it (611 vs 610 ms at batch 8)."""
+    Used on CUDA only. On this CPU it is slower for eager fp32 training: whole step (G+D, fused Adam, batch 1) 648/661
+    ms NCHW vs 754/828 ms channels-last (two interleaved runs), and the GEMM layers want NCHW. Eager inference gains a
+    little (batch 1: 128 vs 118 ms, batch 8: 804 vs 673 ms), but the prepacked/compiled paths, which are much faster,
+    gain nothing from it (prepacked, batch 8: 612 vs 610 ms; inductor picks its own layout)."""
     return model.to(memory_format=torch.channels_last)
 
 
@@ -369,15 +462,28 @@ def apply_training_transforms(G: nn.Module, D: nn.Module, cfg, device) -> tuple[
     """The training-time transforms, in place, in one fixed order; returns the modules to call, ``(G_run, D_run)``.
 
     channels-last: ``cfg.train.channels_last`` (None = on for CUDA, off on CPU, see ``apply_channels_last``).
+    fused norm + activation: ``cfg.train.kernels`` (``--kernels triton|torch``; default triton with CUDA).
     GEMM convs: CPU, NCHW, not ``--compile`` (inductor picks its own conv kernels). Under bf16 autocast the GEMM
-    layers fall back to the native kernels per call. Whole fp32 step, batch 1, 256x256, same process: eager
-    baseline (for-loop Adam) 820-880 ms, fused Adam 662 ms, fused Adam + GEMM convs 576-595 ms (1.4-1.5x)."""
+    layers fall back to the native kernels per call. Whole fp32 step, batch 1, 256x256, G+D, interleaved in one
+    process (quiet run): eager with for-loop Adam 759 ms, fused Adam 630 ms, fused Adam + GEMM convs 566 ms (1.34x).
+    ``python -m fastp2p.bench.core --only train`` (data loading in the loop), three quiet runs: baseline 733 / 788 /
+    805 ms, fastp2p-fp32 581 / 597 / 615 ms (1.26x / 1.32x / 1.31x). The fp32 step then runs at ~80% of the measured
+    sgemm peak; the rest is mostly the weight-bound inner layers (MKL's sgemm streams a weight at ~7 GB/s for 4 rows
+    vs ~23 GB/s for 1) and batch norm / activations."""
     device = torch.device(device)
     t = cfg.train
     cl = t.channels_last if t.channels_last is not None else device.type == "cuda"
     if cl:
         apply_channels_last(G)
         apply_channels_last(D)
+    # Fused Triton norm + activation (fastp2p.kernels); "torch" keeps PyTorch's own modules, which is what the fused
+    # modules' torch backend would run anyway.
+    from .kernels import apply_fused_kernels, default_backend
+
+    backend = t.kernels or default_backend()
+    if backend == "triton":
+        apply_fused_kernels(G, "triton")
+        apply_fused_kernels(D, "triton")
     if device.type == "cpu" and not cl and not getattr(t, "compile", False):
         apply_gemm_convs(G)
         apply_gemm_convs(D)
@@ -424,14 +530,19 @@ class PackedConvTranspose2d(nn.Module):
 
 def pack_conv_weights(model: nn.Module, example_shape) -> nn.Module:
     """Replace, in place, every zero-padded Conv2d/ConvTranspose2d of a CPU fp32 ``model`` by its ``Packed*`` version,
-    laid out for inputs of ``example_shape``. Breaks the state_dict: use on an inference copy only."""
+    laid out for inputs of ``example_shape``. Layers with few output columns (``GEMM_SMALL_OUT_COLS``: the U-Net's last
+    ConvTranspose2d, 128->3) become GEMM layers instead: in the model, batch 1, 3.5 ms vs 5.3 ms prepacked oneDNN vs
+    6.3 ms eager (batch 8: 40 vs 41 ms). Breaks the state_dict: use on an inference copy only."""
     shapes = conv_input_shapes(model, example_shape)
     for pname, parent in list(model.named_modules()):
         for cname, child in list(parent.named_children()):
             full = f"{pname}.{cname}" if pname else cname
             if full not in shapes or child.padding_mode != "zeros" or isinstance(child.padding, str):
                 continue
-            if type(child) in (nn.ConvTranspose2d, GemmConvTranspose2d):
+            if _out_cols(child) <= GEMM_SMALL_OUT_COLS and gemm_path(child, shapes[full], 0) is not None:
+                kind = GemmConvTranspose2d if isinstance(child, nn.ConvTranspose2d) else GemmConv2d
+                kind.from_native(child, max_rows=0)  # only the few-output-columns path
+            elif type(child) in (nn.ConvTranspose2d, GemmConvTranspose2d):
                 setattr(parent, cname, PackedConvTranspose2d(child, shapes[full]))
             elif type(child) in (nn.Conv2d, GemmConv2d):
                 setattr(parent, cname, PackedConv2d(child, shapes[full]))
@@ -452,13 +563,18 @@ class OptimizedGenerator(nn.Module):
         super().__init__()
         self.module = module  # the (copied, transformed) generator; `net` may be its compiled wrapper
         object.__setattr__(self, "_net", net)  # not registered: its parameters are `module`'s
+        self._context = contextlib.nullcontext
+        if method == "inductor":  # a new input shape recompiles; keep freezing on for that compile too
+            import torch._inductor.config as inductor_config
+
+            self._context = lambda: inductor_config.patch(freezing=True)
         self.method = method
         self.setup_s = self.compile_s = 0.0
         self.max_abs_err: float | None = None
         self.tried: dict[str, str] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.inference_mode(), self._context():
             return self._net(x)
 
 
@@ -489,7 +605,7 @@ def _build(method: str, G: nn.Module, example_shape):
         t0 = time.perf_counter()
         compiled = torch.compile(g, dynamic=False)
         # freezing: parameters become constants, so inductor prepacks conv weights for oneDNN, folds eval-mode batch
-        # norm into the down convs and fuses LeakyReLU/ReLU/tanh into them. Only the compile needs the flag.
+        # norm into the down convs and fuses LeakyReLU/ReLU/tanh into them (the flag matters at compile time only).
         with inductor_config.patch(freezing=True), torch.inference_mode():
             compiled(x)
         return compiled, g, time.perf_counter() - t0
@@ -509,11 +625,16 @@ def optimize_for_inference(G: nn.Module, example_shape, method: str = "auto", mo
     in inference); ``eager``; ``auto`` = the first of inductor, packed, eager that builds and, with ``check``, matches
     eager G within ``atol`` (max abs error on a random input in [-1, 1]). Not CPU fp32: ``auto`` gives eager.
 
-    unet_256, 256x256, eval mode, medians interleaved with eager in one process (eager / optimized, ms):
-      batch 1: eager 99-141; inductor 64-68 (1.5-2.2x); packed 65-71 (1.5-2.0x); gemm ~100 (1.0-1.4x); jit freeze 102.
-      batch 8: eager 757-804; inductor 540-542 (1.4-1.5x); packed 590-612 (1.3x); gemm 734.
-      paper mode (no dropout), batch 1: eager 135-141; inductor 64 (2.2x); packed 86 (1.6x).
-    Max abs error vs eager: 4e-6 (inductor, BN folding), <1e-7 (packed), 3e-6 (paper mode)."""
+    unet_256, 256x256, medians interleaved in one process, quiet machine (ms; eager = this repo's flat U-Net, ref =
+    the reference's nested U-Net, both eager fp32 under inference_mode):
+      eval, batch 1:  eager 102.8, ref 103.1, gemm 98.2, packed 68.0, inductor 66.9 (1.54x)
+      eval, batch 8:  eager 705, ref 640, gemm 696, packed 572, inductor 534 (1.32x vs eager, 1.20x vs ref)
+      paper (no dropout), batch 1: eager 110.6, gemm 103.0, packed 82.2, inductor 68.9 (1.61x)
+    torch.jit trace + freeze + optimize_for_inference: 102 vs eager 106 (no gain measured); torch.utils.mkldnn
+    has no ConvTranspose2d, so it cannot convert the U-Net. Inductor compile: 6-7 s with a warm cache (~20 s cold).
+    Max abs error vs eager: inductor 4-6e-6 (batch norm folded), packed < 1e-7 (eval), gemm < 1e-7.
+    Floor: the generator is 12.1 GFLOP per 256x256 image and the convs already run at ~190-200 GFLOP/s (the measured
+    sgemm peak) once weights are prepacked, so ~60 ms/image is the fp32 limit here."""
     from .inference import with_mode
 
     t0 = time.perf_counter()

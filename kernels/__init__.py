@@ -1,1 +1,25 @@
-"""Triton kernels (installed as fastp2p.kernels); filled by the kernels issue."""
+"""Triton kernels (installed as ``fastp2p.kernels``), one file per op; each holds the kernels, the launcher, the
+custom-op + autograd + fake registration, a pure-torch implementation and an ``nn.Module``.
+
+    norm_act   fused BatchNorm2d / InstanceNorm2d (+ affine) + LeakyReLU / ReLU / nothing, forward and backward
+
+``apply_fused_kernels(model, backend="triton" | "torch")`` swaps a model's norm + activation pairs in place without
+changing its state_dict keys; ``remove_fused_kernels`` undoes it. On a machine without CUDA the Triton kernels run only
+under the interpreter (``TRITON_INTERPRET=1`` set before this package is imported; the tests do that).
+"""
+
+from .norm_act import (
+    ACTS,
+    PAIRED_LISTS,
+    STATS,
+    FusedNormAct,
+    apply_fused_kernels,
+    default_backend,
+    norm_act_reference,
+    norm_kind,
+    remove_fused_kernels,
+    triton_usable,
+)
+
+__all__ = ["ACTS", "PAIRED_LISTS", "STATS", "FusedNormAct", "apply_fused_kernels", "default_backend",
+           "norm_act_reference", "norm_kind", "remove_fused_kernels", "triton_usable"]

@@ -29,7 +29,7 @@ def _compare(native: nn.Module, gemm_fn, x: torch.Tensor, rel: float):
     ref_y, ref_g = _grads(native, native, x, 1)
     y, g = _grads(gemm_fn if isinstance(gemm_fn, nn.Module) else native, gemm_fn, x, 1)
     assert y.shape == ref_y.shape
-    for a, b in zip((y, *g), (ref_y, *ref_g)):
+    for a, b in zip((y, *g), (ref_y, *ref_g), strict=True):
         scale = b.abs().max().item() or 1.0
         assert (a - b).abs().max().item() <= rel * scale, (a - b).abs().max().item() / scale
 
@@ -124,10 +124,10 @@ def test_whole_generator_same_output_and_gradients():
     for n in ref_g:
         torch.testing.assert_close(g[n], ref_g[n], rtol=1e-9, atol=1e-12, msg=n)
     # batch-norm running statistics were updated identically
-    for (n, a), (_, b) in zip(G.named_buffers(), G2.named_buffers()):
+    for (n, a), (_, b) in zip(G.named_buffers(), G2.named_buffers(), strict=True):
         torch.testing.assert_close(a, b, msg=n)
     # float32, batch 1: loose tolerance
-    G32, G32g = build_generator("unet_128", ngf=8, use_dropout=False), None
+    G32 = build_generator("unet_128", ngf=8, use_dropout=False)
     G32g = perf.apply_gemm_convs(copy.deepcopy(G32), example_shape=(1, 3, 128, 128))
     x32 = torch.rand(1, 3, 128, 128) * 2 - 1
     ref, ref_g = _gen_and_grads(G32, x32, target[:1].float())
@@ -140,16 +140,36 @@ def test_whole_generator_same_output_and_gradients():
 
 def test_gemm_plan_and_remove():
     G = build_generator("unet_128", ngf=8)
-    plan = {p["name"]: p for p in perf.gemm_plan(G, (1, 3, 128, 128))}
-    # 128x128: down convs with <= 8x8 outputs and up convs with <= 8x8 inputs take the GEMM path
-    assert [n for n, p in plan.items() if p["gemm"]] == ["down.3", "down.4", "down.5", "down.6",
-                                                         "up.3", "up.4", "up.5", "up.6"]
+    plan = {p["name"]: p["path"] for p in perf.gemm_plan(G, (1, 3, 128, 128))}
+    # 128x128: down convs with <= 8x8 outputs and up convs with <= 8x8 inputs take the GEMM path, and so does the last
+    # up conv (8->3 channels: few output columns)
+    assert {n for n, p in plan.items() if p} == {"down.3", "down.4", "down.5", "down.6",
+                                                 "up.0", "up.3", "up.4", "up.5", "up.6"}
+    assert all(p in (None, "gemm") for p in plan.values())
     assert all(m.training for m in G.modules())  # the probe restored train mode
     perf.apply_gemm_convs(G, example_shape=(1, 3, 128, 128))
     assert type(G.down[2]) is nn.Conv2d and type(G.down[3]) is perf.GemmConv2d
     perf.remove_gemm_convs(G)
     assert all(type(m) in (nn.Conv2d, nn.ConvTranspose2d) for m in list(G.down) + list(G.up))
     assert "gemm_max_rows" not in G.down[3].__dict__
+    D = build_discriminator(ndf=8)
+    dplan = {p["name"]: p["path"] for p in perf.gemm_plan(D, (1, 6, 128, 128))}
+    assert dplan["model.11"] == "small_out" and dplan["model.0"] is None  # 64->1 conv: 16 output columns
+
+
+SMALL_OUT_CASES = [((1, 512, 31, 31), 512, 1, 4, 1, 1), ((2, 64, 15, 15), 64, 1, 4, 1, 1),
+                   ((1, 32, 64, 64), 32, 1, 1, 1, 0), ((3, 5, 9, 8), 5, 2, 3, 2, 1)]
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float64, 1e-11), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("shape,cin,cout,k,s,p", SMALL_OUT_CASES)
+def test_small_out_conv_matches_native(dtype, rel, shape, cin, cout, k, s, p):
+    """The PatchGAN's last conv (512->1) and the 1x1 PatchGAN's: the few-output-columns path."""
+    torch.manual_seed(0)
+    m = nn.Conv2d(cin, cout, k, s, p).to(dtype)
+    g = perf.GemmConv2d.from_native(copy.deepcopy(m), max_rows=0)
+    assert perf.gemm_path(g, shape) == "small_out"
+    _compare(m, g, torch.randn(shape, dtype=dtype), rel)
 
 
 def test_training_transforms_cpu():

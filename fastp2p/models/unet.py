@@ -48,11 +48,16 @@ class UnetGenerator(nn.Module):
         self.up = nn.ModuleList()
         self.up_norm = nn.ModuleList()
         self.up_dropout = nn.ModuleList()
+        # The down path's LeakyReLU(0.2) as modules (no parameters, so state_dict keys are unchanged) so that speed
+        # transforms (fastp2p.kernels.apply_fused_kernels) can fuse each with the norm before it.
+        self.down_act = nn.ModuleList()
         for i in range(num_downs):
             outermost, innermost = i == 0, i == num_downs - 1
             # The reference's outermost down conv uses use_bias too (it has no norm after it, but keeps the flag).
             self.down.append(nn.Conv2d(ins[i], widths[i], 4, 2, 1, bias=bias))
             self.down_norm.append(nn.Identity() if (outermost or innermost) else make_norm(norm, widths[i]))
+            # innermost: no activation here; the up path starts from ReLU(h_n)
+            self.down_act.append(nn.Identity() if innermost else nn.LeakyReLU(0.2))
             up_in = widths[i] if innermost else widths[i] * 2
             up_out = output_nc if outermost else ins[i]
             self.up.append(nn.ConvTranspose2d(up_in, up_out, 4, 2, 1, bias=True if outermost else bias))
@@ -67,11 +72,8 @@ class UnetGenerator(nn.Module):
         a = x
         n = self.num_downs
         for i in range(n):
-            h = self.down_norm[i](self.down[i](a))
-            if i == n - 1:
-                a = h  # innermost: the up path starts from ReLU(h_n)
-            else:
-                a = nn.functional.leaky_relu(h, 0.2)
+            a = self.down_act[i](self.down_norm[i](self.down[i](a)))
+            if i != n - 1:
                 skips.append(a)
         u = a
         for i in reversed(range(n)):
