@@ -26,8 +26,10 @@ def _add_export_flags(p: argparse.ArgumentParser, *, precision_default: str | No
                       help="paper mode with the paper's dropout baked in as random masks (a new draw every call)")
     drop.add_argument("--no_dropout_at_inference", action="store_true",
                       help="paper mode without dropout: deterministic (the default for exports)")
+    default_help = (f"default {precision_default}" if precision_default else
+                    "default: fp16 for tensorrt, fp32 for onnxruntime, an .onnx's own")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=precision_default,
-                   help="weights and activations (input/output stay float32); bf16 needs opset 22")
+                   help=f"weights and activations; input/output stay float32; bf16 needs opset 22 ({default_help})")
     p.add_argument("--dynamic", action="store_true",
                    help="dynamic height and width (multiples of 2^num_downs); the batch is always dynamic")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 22 for bf16; at least 17)")

@@ -12,17 +12,17 @@ Modes (see ``fastp2p.inference``):
   ``BatchNormalization`` node is left), no dropout.
 
 Dropout in paper mode: the export is **deterministic by default (dropout off)**, i.e. ``translate --mode paper
---no_dropout_at_inference``. An ONNX ``Dropout`` node is the identity at inference, so a plain export would silently drop
-the paper's noise; ``--paper_dropout`` instead bakes real, stochastic dropout into the graph as
-``RandomUniformLike -> GreaterOrEqual -> Mul`` (the mask of ``nn.Dropout(0.5)``: keep with probability 1/2, scale by 2),
-which ONNX Runtime and TensorRT both run, drawing a new mask on every call. The chosen behaviour is recorded in the
-metadata (``fastp2p.dropout``: ``off`` or ``on``).
+--no_dropout_at_inference``. An ONNX ``Dropout`` node is the identity at inference, so a plain export would silently
+drop the paper's noise; ``--paper_dropout`` instead bakes real, stochastic dropout into the graph as
+``RandomUniformLike -> GreaterOrEqual -> Mul`` (the mask of ``nn.Dropout(0.5)``: keep with probability 1/2, scale by
+2), which ONNX Runtime and TensorRT both run, drawing a new mask on every call. The chosen behaviour is recorded in
+the metadata (``fastp2p.dropout``: ``off`` or ``on``).
 
-Precision: ``fp32``; ``fp16`` / ``bf16`` (bf16 needs opset 22, where ONNX's Conv first takes bfloat16, and is
-chosen automatically; ONNX Runtime's CPU provider has no bfloat16 Conv, so bf16 files are for TensorRT) cast weights and activations, but keep the graph's input and output in float32
-(the casts are inside the graph) and compute the per-image normalization statistics in float32, as autocast does (a
-variance over 128 x 128 pixels in fp16 loses the small-contrast images). Under TensorRT's strongly typed mode these
-types *are* the engine's precision.
+Precision: ``fp32``; ``fp16``; ``bf16`` (needs opset 22, where ONNX's Conv first takes bfloat16, chosen
+automatically; ONNX Runtime's CPU provider has no bfloat16 Conv, so bf16 files are for TensorRT). Low precision casts
+weights and activations but keeps the graph's input and output float32 (the casts are inside the graph) and computes
+the per-image normalization statistics in float32, as autocast does (a variance over 128 x 128 pixels in fp16 loses
+low-contrast images). Under TensorRT's strongly typed mode these types *are* the engine's precision.
 
 Shapes: the batch dimension is always dynamic; ``--dynamic`` also makes H and W dynamic (multiples of 2^num_downs, the
 U-Net's total stride), otherwise they are fixed at the checkpoint's ``crop_size``.
@@ -48,7 +48,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,7 +97,6 @@ class Source:
     arch: dict
     checkpoint: str = ""
     sha256: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def num_downs(self) -> int:
@@ -243,7 +242,7 @@ def export_module(G: nn.Module, mode: str, *, dropout: bool = False, precision: 
         raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if mode == "eval" and dropout:
         raise UserError("--paper_dropout: eval mode has no dropout; use --mode paper")
-    M = with_mode(G.float().cpu(), mode, dropout=dropout)
+    M = with_mode(G, mode, dropout=dropout).float().cpu()  # with_mode copies: G itself is left as it is
     if mode == "eval":
         fold_batchnorm(M)
     dtype = DTYPES[precision]
@@ -275,12 +274,13 @@ def _have_onnxscript() -> bool:
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    """The exporters talk a lot (progress lines on stdout, deprecation and tracer warnings); keep it for -v."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx",
-                                              "onnxscript", "torch._export")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+    """The exporters talk a lot (progress lines on stdout, INFO logs of the graph passes, deprecation and tracer
+    warnings); all of it is kept for ``-v`` (debug logging) only."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     sink = io.StringIO()
     try:
         with warnings.catch_warnings():
@@ -288,10 +288,7 @@ def _quiet_exporter():
             with contextlib.redirect_stdout(sink):
                 yield
     finally:
-        for lg, lv in zip(loggers, levels, strict=True):
-            lg.setLevel(lv)
-        if sink.getvalue().strip():
-            log.debug("exporter output:\n%s", sink.getvalue())
+        logging.disable(previous)
 
 
 def _trace_onnx(M: nn.Module, example: torch.Tensor, *, dynamic: bool, multiple: int, opset: int, exporter: str,
@@ -387,6 +384,7 @@ def save_onnx(proto, path: Path, *, large: bool) -> None:
         _write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
         return
     # > 2 GB: weights go to one external file beside the graph (protobuf cannot serialize more)
+    path.parent.mkdir(parents=True, exist_ok=True)
     data_name = path.name + ".data"
     if (path.parent / data_name).exists():
         (path.parent / data_name).unlink()

@@ -134,10 +134,12 @@ def _check_baked(path: Path, meta: dict, mode: str | None, dropout: bool | None)
 class OnnxRuntimeGenerator(Generator):
     backend = "onnxruntime"
 
-    def __init__(self, path, *, device="cpu", threads: int | None = None, providers=None, tensorrt_ep=False):
+    def __init__(self, path, *, device="cpu", threads: int | None = None, providers=None, tensorrt_ep=False,
+                 spin: bool = False):
         from .onnxruntime import OrtGenerator
 
-        self.impl = OrtGenerator(path, device=device, threads=threads, providers=providers, tensorrt_ep=tensorrt_ep)
+        self.impl = OrtGenerator(path, device=device, threads=threads, providers=providers, tensorrt_ep=tensorrt_ep,
+                                 spin=spin)
         self.device = self.impl.device
         m = self.impl.onnx_meta
         self.meta = _flat_meta(backend=self.backend, mode=m["mode"], dropout=m.get("dropout") == "on",

@@ -15,10 +15,11 @@ The check:
 2. every name in ``TRT_API_USED`` exists in the bindings (the ``.so`` plus the wheel's ``__init__.py``, which adds
    ``__version__`` and ``Logger.Severity``).
 
-    python -m fastp2p.engines.trt_api_check [WHEEL_OR_SO] [--download DIR]
+    python -m fastp2p.engines.trt_api_check [WHEEL_OR_SO] [--download DIR] [--tensorrt latest|10]
 
 exits 1 listing what is missing. Without an argument it looks for the wheel in ``$FASTP2P_TRT_WHEEL`` or downloads it
-with ``pip download --no-deps tensorrt-cu13-bindings``.
+with ``pip download --no-deps tensorrt-cu13-bindings`` (``--tensorrt 10``: the last TensorRT 10 bindings,
+``tensorrt-cu12-bindings<10.14``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ import zipfile
 from pathlib import Path
 
 WHEEL_PACKAGE = "tensorrt-cu13-bindings"
+# The bindings checked in CI: the newest TensorRT, and the last TensorRT 10 (fastp2p supports TensorRT >= 10).
+WHEELS = {
+    "latest": (WHEEL_PACKAGE, "tensorrt_cu13_bindings-*.whl"),
+    "10": ("tensorrt-cu12-bindings>=10.0,<10.14", "tensorrt_cu12_bindings-10.*.whl"),
+}
 _C_STRING = re.compile(rb"(?<=\x00)[A-Za-z_][A-Za-z0-9_]{0,127}(?=\x00)")
 _PY_NAME = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
 
@@ -129,22 +135,23 @@ def check(bindings: str | Path, source: str | None = None) -> list[str]:
     return problems
 
 
-def find_wheel(download_dir: str | Path | None = None, timeout: float = 120) -> Path | None:
-    """The bindings wheel: $FASTP2P_TRT_WHEEL, a wheel already in ``download_dir``, or ``pip download`` into it."""
+def find_wheel(download_dir: str | Path | None = None, timeout: float = 120, which: str = "latest") -> Path | None:
+    """A bindings wheel (``which``: a key of ``WHEELS``): $FASTP2P_TRT_WHEEL (for "latest"), a wheel already in
+    ``download_dir``, or ``pip download --no-deps`` into it; None when none can be had."""
+    requirement, pattern = WHEELS[which]
     env = os.environ.get("FASTP2P_TRT_WHEEL")
-    if env and Path(env).exists():
+    if which == "latest" and env and Path(env).exists():
         return Path(env)
     d = Path(download_dir) if download_dir else Path(tempfile.mkdtemp(prefix="fastp2p-trt-"))
-    pattern = str(d / "tensorrt_cu13_bindings-*.whl")
-    found = sorted(glob.glob(pattern))
+    found = sorted(glob.glob(str(d / pattern)))
     if found:
         return Path(found[-1])
     try:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(d), WHEEL_PACKAGE],
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(d), requirement],
                        check=True, timeout=timeout, capture_output=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    found = sorted(glob.glob(pattern))
+    found = sorted(glob.glob(str(d / pattern)))
     return Path(found[-1]) if found else None
 
 
@@ -152,8 +159,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bindings", nargs="?", help="tensorrt-cu13-bindings wheel, unpacked folder, or tensorrt.so")
     p.add_argument("--download", default=None, help="folder to find or pip-download the wheel into")
+    p.add_argument("--tensorrt", choices=sorted(WHEELS), default="latest", help="which bindings to download")
     args = p.parse_args(argv)
-    path = Path(args.bindings) if args.bindings else find_wheel(args.download)
+    path = Path(args.bindings) if args.bindings else find_wheel(args.download, which=args.tensorrt)
     if path is None:
         print(f"cannot find or download {WHEEL_PACKAGE}", file=sys.stderr)
         return 2

@@ -98,10 +98,13 @@ def cmd_train(args) -> int:
 def _add_translate(sub) -> None:
     p = sub.add_parser("translate", help="translate images with a trained generator")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    p.add_argument("--checkpoint", required=True, help="fastp2p .safetensors or reference latest_net_G.pth")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="fastp2p .safetensors or reference latest_net_G.pth")
+    src.add_argument("--engine", help="an exported G.onnx (ONNX Runtime) or G.plan (TensorRT), see `fastp2p export`")
     p.add_argument("-o", "--out", required=True, help="output folder (one PNG per input, named after its stem)")
-    p.add_argument("--mode", choices=("paper", "eval"), default="paper",
-                   help="paper: per-image statistics + dropout (the reference's test.py); eval: running stats")
+    p.add_argument("--mode", choices=("paper", "eval"), default=None,
+                   help="paper (default for checkpoints): per-image statistics + dropout, as the reference's test.py; "
+                        "eval: running stats, no dropout. An --engine has its mode baked in")
     p.add_argument("--direction", choices=("AtoB", "BtoA"), default=None,
                    help="which half of an aligned A|B input is the source (default: the checkpoint's, else AtoB)")
     p.add_argument("--layout", choices=("auto", "aligned", "single"), default="auto",
@@ -109,7 +112,7 @@ def _add_translate(sub) -> None:
     p.add_argument("--batch_size", type=_positive, default=1)
     p.add_argument("--crop_size", type=_positive, default=None, help="model input size (default: the checkpoint's)")
     p.add_argument("--no_dropout_at_inference", action="store_true", help="paper mode without dropout")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cpu (cuda for a TensorRT plan)")
     p.add_argument("--seed", type=int, default=0, help="seed of paper-mode dropout")
     _add_arch(p)
     p.set_defaults(func=cmd_translate)
@@ -126,8 +129,8 @@ def cmd_translate(args) -> int:
 
     written = translate_paths(args.inputs, args.checkpoint, args.out, mode=args.mode, direction=args.direction,
                               layout=args.layout, batch_size=args.batch_size, crop_size=args.crop_size,
-                              model=_arch_from(args), dropout=not args.no_dropout_at_inference, device=args.device,
-                              seed=args.seed)
+                              model=_arch_from(args), dropout=False if args.no_dropout_at_inference else None,
+                              device=args.device, seed=args.seed, engine=args.engine)
     print(f"wrote {len(written)} image(s) to {args.out}")
     return 0
 
@@ -205,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_translate(sub)
     _add_convert(sub)
     _add_info(sub)
+    from .engines.cli import add_subcommands  # export, build-engine
+
+    add_subcommands(sub)
     return parser
 
 

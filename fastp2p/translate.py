@@ -65,24 +65,38 @@ def load_source(path: Path, direction: str, layout: str, size: int, nc: int) -> 
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def translate_paths(inputs, checkpoint, out, *, mode="paper", direction=None, layout="auto", batch_size=1,
-                    crop_size=None, model: ModelConfig | None = None, dropout=True, device="cpu", seed=0) -> list[Path]:
-    if not Path(checkpoint).is_file():
+def translate_paths(inputs, checkpoint, out, *, mode=None, direction=None, layout="auto", batch_size=1,
+                    crop_size=None, model: ModelConfig | None = None, dropout=None, device=None, seed=0,
+                    engine=None) -> list[Path]:
+    """Translate ``inputs`` with a ``checkpoint`` (torch) or an exported ``engine`` (.onnx / .plan); returns the PNGs.
+
+    mode/dropout None: paper mode with dropout for checkpoints; whatever an engine has baked in."""
+    if checkpoint is not None and not Path(checkpoint).is_file():
         raise UserError(f"--checkpoint not found: {checkpoint}")
     files = collect_inputs(list(inputs))
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
-    G, cfg = load_generator(checkpoint, model)
-    if cfg is not None:
-        direction = direction or cfg.data.direction
-        crop_size = crop_size or cfg.data.crop_size
-    direction, crop_size = direction or "AtoB", crop_size or 256
-    multiple = 2**G.num_downs
-    if crop_size % multiple:
-        raise UserError(f"--crop_size {crop_size} must be a multiple of {multiple} for this {G.num_downs}-level U-Net")
-    in_nc = G.down[0].in_channels
-    G = with_mode(G, mode, dropout=dropout, inplace=True).to(dev)
+    if engine is not None:
+        from .engines.runtime import open_runtime
+
+        net = open_runtime(engine, device=device, mode=mode, dropout=dropout, crop_size=crop_size,
+                           direction=direction)
+        meta = net.meta
+        direction, crop_size, in_nc, dev = direction or meta["direction"], crop_size or meta["crop_size"], \
+            meta["input_nc"], net.device
+    else:
+        dev = torch.device(device or "cpu")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+        G, cfg = load_generator(checkpoint, model)
+        if cfg is not None:
+            direction = direction or cfg.data.direction
+            crop_size = crop_size or cfg.data.crop_size
+        direction, crop_size = direction or "AtoB", crop_size or 256
+        multiple = 2**G.num_downs
+        if crop_size % multiple:
+            raise UserError(f"--crop_size {crop_size} must be a multiple of {multiple} for this {G.num_downs}-level "
+                            "U-Net")
+        in_nc = G.down[0].in_channels
+        net = with_mode(G, mode or "paper", dropout=dropout is not False, inplace=True).to(dev)
     torch.manual_seed(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,8 +105,8 @@ def translate_paths(inputs, checkpoint, out, *, mode="paper", direction=None, la
         for i in range(0, len(files), batch_size):
             chunk = files[i:i + batch_size]
             x = np.stack([load_source(f, direction, layout, crop_size, in_nc) for f in chunk])
-            y = to_uint8(G(to_model_input(torch.from_numpy(x)).to(dev))).cpu().numpy()
-            for f, img in zip(chunk, y, strict=False):
+            y = to_uint8(net(to_model_input(torch.from_numpy(x)).to(dev))).cpu().numpy()
+            for f, img in zip(chunk, y, strict=True):
                 dst = out / f"{f.stem}.png"
                 Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(dst)
                 written.append(dst)

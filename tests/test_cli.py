@@ -106,3 +106,23 @@ def test_user_mistakes_exit_nonzero_with_one_line(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
     one_line_error(run("info", str(bad), check=False), "bad.safetensors")
+
+
+def test_translate_with_onnx_engine_matches_checkpoint(tmp_path):
+    pytest.importorskip("onnxruntime")
+    ref = init_weights(RefUnetGenerator(3, 3, 7, 8, "batch", use_dropout=True))
+    pth = tmp_path / "latest_net_G.pth"
+    torch.save(ref.state_dict(), pth)
+    ckpt = tmp_path / "G.safetensors"
+    run("convert", str(pth), "-o", str(ckpt), "--netG", "unet_128")
+    onnx_path = tmp_path / "G.onnx"
+    run("export", str(ckpt), "-o", str(onnx_path), "--mode", "eval", "--crop_size", "128")
+    pairs = write_pairs(tmp_path / "in", n=2, size=128)
+    a, b = tmp_path / "a", tmp_path / "b"
+    run("translate", "--checkpoint", str(ckpt), str(pairs), "-o", str(a), "--mode", "eval", "--crop_size", "128")
+    run("translate", "--engine", str(onnx_path), str(pairs), "-o", str(b), "--crop_size", "128")
+    for name in ("p0.png", "p1.png"):
+        diff = np.abs(np.asarray(Image.open(a / name)).astype(int) - np.asarray(Image.open(b / name)).astype(int))
+        assert diff.max() <= 1
+    p = run("translate", "--engine", str(onnx_path), "--mode", "paper", str(pairs), "-o", str(b), check=False)
+    one_line_error(p, "eval")

@@ -204,6 +204,18 @@ def test_reference_pth_export(work):
     assert (OrtGenerator(path)(x) - _torch_ref(g, "eval", x)).abs().max().item() <= FP32_TOL
 
 
+def test_weights_over_the_protobuf_limit_go_to_one_external_file(work, ckpt, G, monkeypatch):
+    from fastp2p.engines import onnx as engine_onnx
+
+    monkeypatch.setattr(engine_onnx, "PROTOBUF_LIMIT", 1000)  # pretend the 2 GB limit is 1 KB
+    path = export_onnx(ckpt, work / "big" / "G.onnx", mode="eval", exporter="torchscript")
+    assert (path.parent / "G.onnx.data").is_file()
+    assert path.stat().st_size < 100_000  # the graph only
+    assert read_onnx_meta(path)["mode"] == "eval"
+    x = _x(1)
+    assert (OrtGenerator(path)(x) - _torch_ref(G, "eval", x)).abs().max().item() <= FP32_TOL
+
+
 def test_export_user_errors(work, ckpt):
     with pytest.raises(UserError, match="checkpoint not found"):
         export_onnx(work / "missing.safetensors", work / "m.onnx")

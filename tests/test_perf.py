@@ -226,6 +226,22 @@ def test_optimize_for_inference_inductor():
         assert (fast(x) - G(x)).abs().max().item() <= 1e-4
 
 
+def test_optimize_for_inference_bf16():
+    pytest.importorskip("torch._inductor")
+    if not perf.cpu_has_native_bf16():
+        pytest.skip("CPU without native bf16")
+    torch.manual_seed(0)
+    G = with_mode(build_generator("unet_128", ngf=4), "eval")
+    fast = perf.optimize_for_inference(G, (1, 3, 128, 128), precision="bf16")
+    assert fast.method == "inductor" and fast.autocast == torch.bfloat16
+    x = torch.rand(1, 3, 128, 128) * 2 - 1
+    with torch.inference_mode():
+        y = fast(x)
+        err = (y - G(x)).abs().max().item()
+    assert y.dtype == torch.float32 and err <= 1e-2  # below one uint8 level (7.8e-3) on these outputs
+    assert err > 0  # it really ran in bf16
+
+
 def test_optimize_for_inference_rejects_train_mode_batchnorm():
     with pytest.raises(ValueError, match="with_mode"):
         perf.optimize_for_inference(build_generator("unet_128", ngf=4), (1, 3, 128, 128), method="eager")
