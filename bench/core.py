@@ -234,9 +234,25 @@ def infer_rungs(args) -> list[Rung]:
             fn()
         rungs.append(Rung(f"infer-b{bs}-baseline", f"eager fp32 G (eval mode), batch {bs}", eager, bs,
                           flops=count_flops(eager)))
-        r = Rung(f"infer-b{bs}-fastp2p", f"fastp2p optimized G, batch {bs} (max abs err {err:.1e})", opt, bs,
+        r = Rung(f"infer-b{bs}-fastp2p", f"fastp2p fp32 {fast.method}, batch {bs} (max abs err {err:.1e})", opt, bs,
                  flops=count_flops(eager), setup_s=setup)
         rungs.append(r)
+        name, label = f"infer-b{bs}-fastp2p-bf16", f"fastp2p bf16 inductor (opt-in), batch {bs}"
+        if not perf.cpu_has_native_bf16() or torch.cuda.is_available():
+            rungs.append(Rung(name, label, None, bs, skipped="CPU without native bf16 (or a CUDA run)"))
+            continue
+        t0 = time.perf_counter()
+        fast16 = perf.optimize_for_inference(G, (bs, 3, 256, 256), precision="bf16")
+        setup16 = time.perf_counter() - t0
+        with torch.inference_mode():
+            err16 = (fast16(x) - ref(x)).abs().max().item()
+
+        def opt16(x=x, fast16=fast16):
+            fast16(x)
+
+        opt16()
+        rungs.append(Rung(name, f"{label} (max abs err {err16:.1e})", opt16, bs, flops=count_flops(eager),
+                          setup_s=setup16))
     return rungs
 
 
@@ -303,7 +319,7 @@ def main(argv=None) -> int:
     if args.only in (None, "infer"):
         rungs = infer_rungs(args)
         run_rounds(rungs, args.rounds, args.per_round * 2)
-        rows += summarize(rungs, peak, lambda n: n.rsplit("-", 1)[0] + "-baseline")
+        rows += summarize(rungs, peak, lambda n: "-".join(n.split("-")[:2]) + "-baseline")
     result = {"env": environment(), "matmul_peak_gflops": peak, "config": vars(args), "rows": rows,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
