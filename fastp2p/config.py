@@ -93,7 +93,7 @@ PRESETS: dict[str, Config] = {
     "debug": Config(
         ModelConfig(netG="unet_128", ngf=16, ndf=16),
         DataConfig(load_size=143, crop_size=128, synthetic_size=64, num_workers=1),
-        TrainConfig(name="debug", n_epochs=5, n_epochs_decay=5, log_every=20, sample_every=200, save_every=500),
+        TrainConfig(name="debug", n_epochs=10, n_epochs_decay=10, log_every=20, sample_every=200, save_every=500),
     ),
 }
 

@@ -126,3 +126,29 @@ def test_translate_with_onnx_engine_matches_checkpoint(tmp_path):
         assert diff.max() <= 1
     p = run("translate", "--engine", str(onnx_path), "--mode", "paper", str(pairs), "-o", str(b), check=False)
     one_line_error(p, "eval")
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "runs"
+    args = [sys.executable, "-m", "fastp2p", "train", "--preset", "debug", "--ngf", "4", "--ndf", "4", "--out",
+            str(out), "--name", "int", "--load_size", "136", "--crop_size", "128", "--log_every", "1",
+            "--no_progress"]
+    p = subprocess.Popen([*args, "--max_steps", "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "int" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr
+    step = json.loads((out / "int" / "checkpoints" / "latest.json").read_text())["step"]
+    assert step >= 3
+    p2 = subprocess.run([*args, "--max_steps", str(step + 2), "--resume"], capture_output=True, text=True,
+                        timeout=300)
+    assert p2.returncode == 0, p2.stderr
+    assert json.loads((out / "int" / "checkpoints" / "latest.json").read_text())["step"] == step + 2

@@ -178,3 +178,16 @@ def test_triton_kernels_step_matches_torch_step(tmp_path):
         assert a.loss_G_L1.item() == pytest.approx(b.loss_G_L1.item(), rel=1e-4)
         assert a.loss_D.item() == pytest.approx(b.loss_D.item(), rel=1e-4)
     assert out["torch"][1].keys() == out["triton"][1].keys()
+
+
+@pytest.mark.slow
+def test_compile_step_matches_eager_step(tmp_path):
+    A, B = torch.rand(1, 3, 128, 128) * 2 - 1, torch.rand(1, 3, 128, 128) * 2 - 1
+    losses = {}
+    for compiled in (False, True):
+        tr = Trainer(override(tiny_cfg(tmp_path), compile=compiled, no_dropout=True), "cpu")
+        losses[compiled] = [tr.train_step(A, B) for _ in range(2)]
+    for a, b in zip(losses[False], losses[True], strict=True):
+        assert b.loss_G_L1.item() == pytest.approx(a.loss_G_L1.item(), rel=1e-4)
+        assert b.loss_D.item() == pytest.approx(a.loss_D.item(), rel=1e-4)
+        assert b.loss_G_GAN.item() == pytest.approx(a.loss_G_GAN.item(), rel=1e-4)
