@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,17 +200,14 @@ def _tuplify(x):
 
 
 # -- the training loop --
-class _Interrupt(Exception):
-    pass
-
-
 def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     t = cfg.train
     return t.max_steps if t.max_steps is not None else (t.n_epochs + t.n_epochs_decay) * steps_per_epoch
 
 
 def fit(cfg: Config, progress: bool = True) -> dict:
-    """Train per ``cfg`` into ``<out>/<name>/``; returns the run summary. Ctrl-C or SIGTERM saves a checkpoint first."""
+    """Train per ``cfg`` into ``<out>/<name>/``; returns the run summary. Ctrl-C or SIGTERM saves a checkpoint at the
+    current step boundary and returns (``summary["interrupted"]`` names the signal)."""
     from . import data as data_mod
     from .report import RunReporter
 
@@ -234,20 +232,28 @@ def fit(cfg: Config, progress: bool = True) -> dict:
     total = total_steps(cfg, steps_per_epoch)
     reporter = RunReporter(run_dir, cfg, total, progress=progress, start_step=trainer.step)
 
-    def on_signal(signum, frame):
-        raise _Interrupt(signal.Signals(signum).name)
+    # Ctrl-C / SIGTERM: finish the step in flight, then save a checkpoint at that step boundary (so --resume is
+    # exact) and stop. A second signal aborts at once; the last checkpoint stays intact (atomic writes).
+    stop: dict[str, str | None] = {"sig": None}
 
-    old_term = signal.signal(signal.SIGTERM, on_signal)
-    interrupted, first_step_s = None, None
+    def on_signal(signum, frame):
+        if stop["sig"] is not None:
+            raise KeyboardInterrupt
+        stop["sig"] = signal.Signals(signum).name
+        log.warning("%s: stopping after this step and saving a checkpoint (again to abort without saving)",
+                    stop["sig"])
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    first_step_s = None
     try:
-        while trainer.step < total:
+        while trainer.step < total and stop["sig"] is None:
             epoch = trainer.step // steps_per_epoch
             lr = trainer.set_epoch(epoch)
             start = trainer.step - epoch * steps_per_epoch  # resume mid-epoch at the exact batch
-            t_wait, t0 = 0.0, time.perf_counter()
+            t0 = time.perf_counter()
             for A, B in loader.epoch(epoch, start=start):
                 t_got = time.perf_counter()
-                t_wait += t_got - t0
                 A = A.to(trainer.device, non_blocking=True)
                 B = B.to(trainer.device, non_blocking=True)
                 losses = trainer.train_step(A, B)
@@ -256,20 +262,15 @@ def fit(cfg: Config, progress: bool = True) -> dict:
                 reporter.step(trainer, losses, A, B, lr, wait_s=t_got - t0)
                 if trainer.step % cfg.train.save_every == 0:
                     trainer.save(ckpt)
-                if trainer.step >= total:
+                if trainer.step >= total or stop["sig"] is not None:
                     break
                 t0 = time.perf_counter()
-    except (KeyboardInterrupt, _Interrupt) as e:
-        interrupted = "SIGINT" if isinstance(e, KeyboardInterrupt) else str(e)
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-    # Saving is not interruptible twice: a second Ctrl-C during the save would leave the previous checkpoint intact
-    # anyway (atomic rename), but finishing it is what the user asked for.
-    old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
         trainer.save(ckpt)
     finally:
-        signal.signal(signal.SIGINT, old_int)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        loader.close()
+    interrupted = stop["sig"]
     summary = reporter.close(trainer, bad_files=getattr(dataset, "bad_files", []), interrupted=interrupted)
     summary["checkpoint"] = str(ckpt)
     summary["first_step_s"] = first_step_s  # includes --compile's compile time; metrics.jsonl windows after it do not
