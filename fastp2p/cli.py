@@ -114,6 +114,8 @@ def _add_translate(sub) -> None:
     p.add_argument("--no_dropout_at_inference", action="store_true", help="paper mode without dropout")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cpu (cuda for a TensorRT plan)")
     p.add_argument("--seed", type=int, default=0, help="seed of paper-mode dropout")
+    p.add_argument("--kernels", choices=("triton", "torch"), default=None,
+                   help="fused Triton norm+activation kernels (checkpoints; default: triton with CUDA, else torch)")
     _add_arch(p)
     p.set_defaults(func=cmd_translate)
 
@@ -130,7 +132,7 @@ def cmd_translate(args) -> int:
     written = translate_paths(args.inputs, args.checkpoint, args.out, mode=args.mode, direction=args.direction,
                               layout=args.layout, batch_size=args.batch_size, crop_size=args.crop_size,
                               model=_arch_from(args), dropout=False if args.no_dropout_at_inference else None,
-                              device=args.device, seed=args.seed, engine=args.engine)
+                              device=args.device, seed=args.seed, engine=args.engine, kernels=args.kernels)
     print(f"wrote {len(written)} image(s) to {args.out}")
     return 0
 

@@ -67,7 +67,7 @@ def load_source(path: Path, direction: str, layout: str, size: int, nc: int) -> 
 
 def translate_paths(inputs, checkpoint, out, *, mode=None, direction=None, layout="auto", batch_size=1,
                     crop_size=None, model: ModelConfig | None = None, dropout=None, device=None, seed=0,
-                    engine=None) -> list[Path]:
+                    engine=None, kernels=None) -> list[Path]:
     """Translate ``inputs`` with a ``checkpoint`` (torch) or an exported ``engine`` (.onnx / .plan); returns the PNGs.
 
     mode/dropout None: paper mode with dropout for checkpoints; whatever an engine has baked in."""
@@ -97,6 +97,10 @@ def translate_paths(inputs, checkpoint, out, *, mode=None, direction=None, layou
                             "U-Net")
         in_nc = G.down[0].in_channels
         net = with_mode(G, mode or "paper", dropout=dropout is not False, inplace=True).to(dev)
+        from .kernels import apply_fused_kernels, default_backend
+
+        if (kernels or default_backend()) == "triton":  # the trainer's --kernels switch, same default
+            apply_fused_kernels(net, "triton")
     torch.manual_seed(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -152,3 +152,26 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path):
                         timeout=300)
     assert p2.returncode == 0, p2.stderr
     assert json.loads((out / "int" / "checkpoints" / "latest.json").read_text())["step"] == step + 2
+
+
+def test_translate_kernels_switch_gives_the_same_images(tmp_path):
+    """translate --kernels triton (interpreted on CPU) == --kernels torch, in both inference modes."""
+    pytest.importorskip("triton")
+    from fastp2p.translate import translate_paths
+
+    ref = init_weights(RefUnetGenerator(3, 3, 7, 4, "batch", use_dropout=True))
+    pth = tmp_path / "latest_net_G.pth"
+    torch.save(ref.state_dict(), pth)
+    pairs = write_pairs(tmp_path / "in", n=2, size=128)
+    from fastp2p.config import ModelConfig
+
+    for mode in ("eval", "paper"):
+        outs = {}
+        for k in ("torch", "triton"):
+            outs[k] = tmp_path / f"{mode}-{k}"
+            translate_paths([str(pairs)], str(pth), outs[k], mode=mode, dropout=False, crop_size=128,
+                            model=ModelConfig(netG="unet_128"), kernels=k)
+        for name in ("p0.png", "p1.png"):
+            a = np.asarray(Image.open(outs["torch"] / name)).astype(int)
+            b = np.asarray(Image.open(outs["triton"] / name)).astype(int)
+            assert np.abs(a - b).max() <= 1
