@@ -44,7 +44,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import tempfile
 import time
 import warnings
@@ -56,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastp2p import __version__
+from fastp2p.checkpoint import atomic_write
 from fastp2p.config import Config, DataConfig, ModelConfig
 from fastp2p.errors import UserError
 from fastp2p.inference import MODES, PerSampleBatchNorm, with_mode
@@ -364,24 +364,11 @@ def read_onnx_meta(path: str | Path) -> dict:
     return meta
 
 
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_onnx(proto, path: Path, *, large: bool) -> None:
     onnx = require_onnx()
     if not large:
         data = proto.SerializeToString()
-        _write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
         return
     # > 2 GB: weights go to one external file beside the graph (protobuf cannot serialize more)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from fastp2p import __version__
+from fastp2p.checkpoint import atomic_write
 from fastp2p.errors import UserError
 
-from .onnx import _write_atomic, meta_from_proto, read_onnx_meta
+from .onnx import meta_from_proto, read_onnx_meta
 
 log = logging.getLogger("fastp2p.engines")
 
@@ -160,7 +161,7 @@ def optimize_onnx(src: str | Path, out: str | Path, *, level: str = "extended", 
             proto.metadata_props.extend(src_proto.metadata_props)
             onnx.save_model(proto, tmp)
 
-    _write_atomic(out, write)
+    atomic_write(out, write)
     opt_s = time.perf_counter() - t0
     from fastp2p.checkpoint import file_hash
 
@@ -171,6 +172,6 @@ def optimize_onnx(src: str | Path, out: str | Path, *, level: str = "extended", 
                "checkpoint": meta.get("checkpoint"), "checkpoint_sha256": meta.get("checkpoint_sha256"),
                "onnx": src.name, "onnx_sha256": file_hash(src), "cpu": platform.processor() or platform.machine(),
                "fastp2p": __version__, "optimize_s": round(opt_s, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _write_atomic(Path(str(out) + ".json"), lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
+    atomic_write(Path(str(out) + ".json"), lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
     log.debug("wrote %s (ONNX Runtime %s, %s optimizations) in %.1f s", out, ort.__version__, level, opt_s)
     return out

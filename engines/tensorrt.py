@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 from fastp2p import __version__
+from fastp2p.checkpoint import atomic_write
 from fastp2p.errors import UserError
 
-from .onnx import _write_atomic, read_onnx_meta
+from .onnx import read_onnx_meta
 
 log = logging.getLogger("fastp2p.engines")
 
@@ -238,9 +239,9 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch=DEFAULT_
     build_s = time.perf_counter() - t0
     cache = config.get_timing_cache()
     cache_bytes = bytes(cache.serialize())
-    _write_atomic(cache_file, lambda tmp: Path(tmp).write_bytes(cache_bytes))
+    atomic_write(cache_file, lambda tmp: Path(tmp).write_bytes(cache_bytes))
     plan_bytes = bytes(plan)
-    _write_atomic(plan_path, lambda tmp: Path(tmp).write_bytes(plan_bytes))
+    atomic_write(plan_path, lambda tmp: Path(tmp).write_bytes(plan_bytes))
 
     from fastp2p.checkpoint import file_hash
 
@@ -255,7 +256,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch=DEFAULT_
         "workspace_mib": int(workspace_mib), "timing_cache": str(cache_file), "build_s": round(build_s, 1),
         "fastp2p": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    _write_atomic(sidecar_path(plan_path),
+    atomic_write(sidecar_path(plan_path),
                   lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
     log.info("built %s (%s, profile %s) in %.0f s", plan_path, meta.get("precision"), shapes, build_s)
     return plan_path

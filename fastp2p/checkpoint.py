@@ -42,7 +42,8 @@ def preprocessing(cfg: Config) -> dict:
             "normalize": {"mean": 0.5, "std": 0.5, "range": [-1, 1]}}
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` then fsync and rename over ``path``: readers see the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -73,12 +74,12 @@ def save(path: str | Path, *, cfg: Config, G, D=None, step: int = 0, epoch: int 
     meta = {"format": FORMAT, "config": cfg.to_dict(), "step": step, "epoch": epoch, "versions": versions(),
             "preprocessing": preprocessing(cfg), **(extra or {})}
     header = {"fastp2p": json.dumps(meta)}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
     if train_state is not None:
         state_tensors = {k: v.detach().contiguous().cpu() for k, v in train_state["tensors"].items()}
         state_meta = {"fastp2p_state": json.dumps(train_state.get("meta", {}))}
-        _atomic(state_path(path), lambda tmp: save_file(state_tensors, tmp, metadata=state_meta))
-    _atomic(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+        atomic_write(state_path(path), lambda tmp: save_file(state_tensors, tmp, metadata=state_meta))
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return path
 
 
