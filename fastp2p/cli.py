@@ -97,11 +97,13 @@ def cmd_train(args) -> int:
 
 def _add_translate(sub) -> None:
     p = sub.add_parser("translate", help="translate images with a trained generator")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files or folders, or one video file (.mp4 .mov .mkv .avi .webm ...: PyAV)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="fastp2p .safetensors or reference latest_net_G.pth")
     src.add_argument("--engine", help="an exported G.onnx (ONNX Runtime) or G.plan (TensorRT), see `fastp2p export`")
-    p.add_argument("-o", "--out", required=True, help="output folder (one PNG per input, named after its stem)")
+    p.add_argument("-o", "--out", required=True,
+                   help="output folder (one PNG per input, named after its stem), or the output video file")
     p.add_argument("--mode", choices=("paper", "eval"), default=None,
                    help="paper (default for checkpoints): per-image statistics + dropout, as the reference's test.py; "
                         "eval: running stats, no dropout. An --engine has its mode baked in")
@@ -109,7 +111,7 @@ def _add_translate(sub) -> None:
                    help="which half of an aligned A|B input is the source (default: the checkpoint's, else AtoB)")
     p.add_argument("--layout", choices=("auto", "aligned", "single"), default="auto",
                    help="aligned: inputs are A|B pairs; single: plain images; auto: aligned when width == 2 x height")
-    p.add_argument("--batch_size", type=_positive, default=1)
+    p.add_argument("--batch_size", type=_positive, default=None, help="default: 1 for images, 8 for a video")
     p.add_argument("--crop_size", type=_positive, default=None, help="model input size (default: the checkpoint's)")
     p.add_argument("--no_dropout_at_inference", action="store_true", help="paper mode without dropout")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cpu (cuda for a TensorRT plan)")
@@ -128,9 +130,17 @@ def _arch_from(args) -> ModelConfig:
 
 def cmd_translate(args) -> int:
     from .translate import translate_paths
+    from .video import is_video_path, translate_video
+
+    if len(args.inputs) == 1 and is_video_path(Path(args.inputs[0])):
+        out = translate_video(args.inputs[0], args.out, checkpoint=args.checkpoint, engine=args.engine,
+                              batch_size=args.batch_size or 8, mode=args.mode, device=args.device,
+                              model=_arch_from(args))
+        print(f"wrote {out}")
+        return 0
 
     written = translate_paths(args.inputs, args.checkpoint, args.out, mode=args.mode, direction=args.direction,
-                              layout=args.layout, batch_size=args.batch_size, crop_size=args.crop_size,
+                              layout=args.layout, batch_size=args.batch_size or 1, crop_size=args.crop_size,
                               model=_arch_from(args), dropout=False if args.no_dropout_at_inference else None,
                               device=args.device, seed=args.seed, engine=args.engine, kernels=args.kernels)
     print(f"wrote {len(written)} image(s) to {args.out}")
@@ -211,8 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_info(sub)
     from .engines.cli import add_subcommands  # export, build-engine
+    from .video import add_video_subcommands  # pipe
 
     add_subcommands(sub)
+    add_video_subcommands(sub)
     return parser
 
 

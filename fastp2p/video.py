@@ -1,0 +1,331 @@
+"""Video files and raw-frame pipes through a ``Translator``.
+
+    translate_video("in.mp4", "out.mp4", checkpoint="G.safetensors")      # PyAV decode -> translate -> encode
+    fastp2p pipe --size 640x360 --engine G.onnx  < frames.rgb > out.rgb     # raw RGB24 frames, logs on stderr
+
+``translate_video`` keeps the frame count and the frame rate (the output is constant-rate at the input's average
+rate), passes audio through untouched (packets remuxed, not re-encoded), and writes H.264 (libx264 when PyAV's FFmpeg
+has it, else MPEG-4 Part 2) in yuv420p; an odd width or height loses its last column / row (yuv420p needs even
+sizes). A decode error or a truncated file raises a ``DataError`` naming the file, after every frame translated
+before the fault has been encoded and the output closed properly.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError, UserError
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv",
+                            ".wmv"})
+
+
+def is_video_path(path) -> bool:
+    """The rule ``fastp2p translate`` uses: an existing file whose suffix (any case) is in ``VIDEO_SUFFIXES``."""
+    p = Path(path)
+    return p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise UserError("video needs PyAV: pip install 'fastp2p[video]' (or pip install av)") from None
+    return av
+
+
+def video_codec() -> str:
+    av = _av()
+    return "libx264" if "libx264" in av.codecs_available else "mpeg4"
+
+
+def _translator(checkpoint, engine, *, mode, device, model, **kw):
+    from .translator import Translator
+
+    if (checkpoint is None) == (engine is None):
+        raise UserError("give exactly one of --checkpoint or --engine")
+    return Translator(checkpoint if checkpoint is not None else engine, mode=mode, device=device, model=model, **kw)
+
+
+def _open_input(av, path: Path):
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        inp = av.open(str(path))
+    except av.error.FFmpegError as e:
+        raise DataError(path, f"cannot open as a video ({e.strerror or e})") from None
+    if not inp.streams.video:
+        inp.close()
+        raise DataError(path, "has no video stream")
+    return inp
+
+
+def _expected_frames(inp, vin, rate) -> int | None:
+    """Frames the headers promise: the stream's frame count, else its duration x rate, else (video only) the
+    container's duration x rate. None when nothing says."""
+    if vin.frames:
+        return int(vin.frames)
+    if vin.duration and vin.time_base:
+        return round(float(vin.duration * vin.time_base) * float(rate))
+    if inp.duration and len(inp.streams) == 1:
+        return round(inp.duration / 1e6 * float(rate))
+    return None
+
+
+def translate_video(in_path, out_path, *, checkpoint=None, engine=None, batch_size: int = 8, mode=None, device=None,
+                    progress: bool = True, model=None, fit: str = "pad", max_latency_ms: float | None = None,
+                    translator=None, codec: str | None = None, crf: int = 18) -> Path:
+    """Translate the video ``in_path`` into ``out_path`` (a file, or a folder: ``<folder>/<stem>.mp4``).
+
+    checkpoint / engine: exactly one (or an open ``translator``). mode: None -> eval for checkpoints (see
+    ``fastp2p.translator``). Returns the output path."""
+    av = _av()
+    in_path = Path(in_path)
+    out_path = Path(out_path)
+    if out_path.is_dir() or out_path.suffix.lower() not in VIDEO_SUFFIXES:
+        out_path = out_path / f"{in_path.stem}.mp4"
+    if out_path.resolve() == in_path.resolve():
+        raise UserError(f"-o {out_path}: would overwrite the input")
+    tr = translator or _translator(checkpoint, engine, mode=mode, device=device, model=model, fit=fit)
+    inp = _open_input(av, in_path)
+    vin = inp.streams.video[0]
+    vin.thread_type = "AUTO"
+    ain = inp.streams.audio[0] if inp.streams.audio else None
+    W, H = vin.codec_context.width, vin.codec_context.height
+    W2, H2 = W - W % 2, H - H % 2
+    if W2 < 2 or H2 < 2:
+        inp.close()
+        raise DataError(in_path, f"video is {W}x{H}; too small to encode")
+    rate = vin.average_rate or vin.guessed_rate or Fraction(25)
+    total = vin.frames or None
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out = av.open(str(out_path), "w")
+    name = codec or video_codec()
+    vout = out.add_stream(name, rate=rate)
+    vout.width, vout.height, vout.pix_fmt = W2, H2, "yuv420p"
+    vout.codec_context.time_base = Fraction(1) / rate
+    if name == "libx264":
+        vout.options = {"crf": str(crf), "preset": "veryfast"}
+    elif name == "mpeg4":
+        vout.bit_rate = max(1_000_000, W2 * H2 * 8)
+    aout = None
+    if ain is not None:
+        try:
+            aout = out.add_stream_from_template(ain)
+        except Exception as e:  # noqa: BLE001 - audio is best effort: the container may not take that codec
+            log.warning("%s: audio stream (%s) not passed through: %s", in_path, ain.codec_context.name, e)
+    audio: collections.deque = collections.deque()
+    streams = [vin] + ([ain] if aout is not None else [])
+
+    expected = _expected_frames(inp, vin, rate)
+
+    def frames():
+        decoded = 0
+        try:
+            for packet in inp.demux(*streams):
+                if packet.stream.type == "audio":
+                    if packet.dts is not None:
+                        audio.append(packet)
+                    continue
+                for frame in packet.decode():
+                    decoded += 1
+                    yield frame.to_ndarray(format="rgb24")
+        except av.error.FFmpegError as e:
+            raise DataError(in_path, f"decoding failed after {decoded} frame(s) ({e.strerror or e})") from None
+        if expected and decoded < expected - max(2, expected // 50):
+            raise DataError(in_path, f"truncated: its header promises about {expected} frames, only {decoded} "
+                                     "could be decoded")
+
+    def mux_audio():
+        while audio:
+            pkt = audio.popleft()
+            pkt.stream = aout
+            out.mux(pkt)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="frame", desc=in_path.name, file=sys.stderr, dynamic_ncols=True)
+    n = 0
+    error: BaseException | None = None
+    t0 = time.perf_counter()
+    try:
+        for y in tr.stream(frames(), batch_size=batch_size, max_latency_ms=max_latency_ms):
+            if y.shape[0] != H2 or y.shape[1] != W2:
+                y = y[:H2, :W2]
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(y), format="rgb24")
+            vf.pts = n
+            vf.time_base = vout.codec_context.time_base
+            out.mux(vout.encode(vf))
+            n += 1
+            if bar is not None:
+                bar.update(1)
+            if aout is not None:
+                mux_audio()
+    except BaseException as e:
+        error = e
+    finally:
+        try:
+            out.mux(vout.encode(None))
+            if aout is not None:
+                mux_audio()
+        finally:
+            out.close()
+            inp.close()
+            if bar is not None:
+                bar.close()
+    if error is not None:
+        if isinstance(error, DataError):
+            raise DataError(in_path, f"{error.problem}; the {n} frame(s) translated before it were written to "
+                                     f"{out_path}") from None
+        raise error
+    if total and n != total:
+        log.warning("%s: header says %d frames, decoded %d", in_path, total, n)
+    dt = time.perf_counter() - t0
+    log.info("%s -> %s: %d frames in %.1fs (%.1f frames/s)", in_path, out_path, n, dt, n / max(dt, 1e-9))
+    return out_path
+
+
+# ---- raw-frame pipe ------------------------------------------------------------------------------------------------
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'WxH' -> (W, H), both positive; else a ``UserError`` naming --size."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX:]\s*(\d+)\s*", str(text))
+    if not m:
+        raise UserError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. --size 640x360")
+    w, h = int(m.group(1)), int(m.group(2))
+    if w < 1 or h < 1:
+        raise UserError(f"--size {text}: width and height must be positive")
+    return w, h
+
+
+def read_raw_frames(stream, width: int, height: int, *, name: str = "<stdin>"):
+    """Yield uint8 H,W,3 frames read from a binary stream of raw RGB24; a short last frame raises ``DataError``."""
+    size = width * height * 3
+    while True:
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            k = stream.readinto(view[got:]) if hasattr(stream, "readinto") else None
+            if k is None:
+                chunk = stream.read(size - got)
+                k = len(chunk)
+                view[got:got + k] = chunk
+            if not k:
+                break
+            got += k
+        if got == 0:
+            return
+        if got < size:
+            raise DataError(name, f"last frame is partial: {got} of {size} bytes (a {width}x{height} RGB24 frame); "
+                                  "check --size")
+        yield np.frombuffer(buf, np.uint8).reshape(height, width, 3)
+
+
+def run_pipe(translator, width: int, height: int, *, stdin=None, stdout=None, batch_size: int = 4,
+             max_latency_ms: float | None = 100.0) -> int:
+    """Raw RGB24 frames on ``stdin`` -> translated raw RGB24 frames on ``stdout``; returns the frame count. Frames
+    translated before an error are written and flushed before it is raised."""
+    stdin = stdin if stdin is not None else sys.stdin.buffer
+    stdout = stdout if stdout is not None else sys.stdout.buffer
+    n = 0
+    try:
+        for y in translator.stream(read_raw_frames(stdin, width, height), batch_size=batch_size,
+                                   max_latency_ms=max_latency_ms):
+            stdout.write(np.ascontiguousarray(y).data)
+            n += 1
+            if translator.stats.get("yielded", 0) >= translator.stats.get("read", 0):
+                stdout.flush()  # nothing else in flight: let a live consumer see it now
+    except DataError as e:
+        raise DataError(e.path, f"{e.problem}; the {n} frame(s) before it were written") from None
+    except BrokenPipeError:
+        _silence_stdout(stdout)
+        raise UserError(f"stdout was closed by the reader after {n} frame(s)") from None
+    finally:
+        try:
+            stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout(stdout)
+    return n
+
+
+def _silence_stdout(stdout) -> None:
+    # the reader is gone: point fd 1 at /dev/null so the interpreter's exit-time flush does not fail again
+    import os
+
+    try:
+        if stdout is sys.stdout.buffer:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def add_video_subcommands(sub) -> None:
+    """Add ``pipe`` to the ``fastp2p`` subparsers."""
+    from . import cli as core
+
+    p = sub.add_parser("pipe", help="translate raw RGB24 frames from stdin to stdout",
+                       description="Raw RGB24 frames of --size WxH on stdin -> translated raw RGB24 frames of the "
+                                   "same size on stdout; logs go to stderr. E.g. ffmpeg -i in.mp4 -f rawvideo "
+                                   "-pix_fmt rgb24 - | fastp2p pipe --size 640x360 --checkpoint G.safetensors | "
+                                   "ffmpeg -f rawvideo -pix_fmt rgb24 -s 640x360 -i - out.mp4")
+    p.add_argument("--size", required=True, help="frame size WIDTHxHEIGHT, e.g. 640x360")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="fastp2p .safetensors or reference latest_net_G.pth")
+    src.add_argument("--engine", help="an exported G.onnx (ONNX Runtime) or G.plan (TensorRT)")
+    p.add_argument("--batch_size", type=core._positive, default=4)
+    p.add_argument("--max_latency_ms", type=float, default=100.0,
+                   help="send a partial batch after this long without a full one (default 100)")
+    p.add_argument("--mode", choices=("paper", "eval"), default=None,
+                   help="default eval for checkpoints (running stats, no dropout: temporally stable)")
+    p.add_argument("--fit", choices=("pad", "resize"), default="pad")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    core._add_arch(p)
+    p.set_defaults(func=cmd_pipe)
+
+
+def cmd_pipe(args) -> int:
+    from . import cli as core
+
+    w, h = parse_size(args.size)
+    model = core._arch_from(args) if args.checkpoint else None
+    tr = _translator(args.checkpoint, args.engine, mode=args.mode, device=args.device, model=model, fit=args.fit)
+    n = run_pipe(tr, w, h, batch_size=args.batch_size, max_latency_ms=args.max_latency_ms)
+    log.info("pipe: %d frame(s) of %dx%d", n, w, h)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fastp2p.video pipe ...``: the video subcommands on their own (same errors and exit codes)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fastp2p", description="fastp2p video subcommands")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    add_video_subcommands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="fastp2p: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"fastp2p: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastp2p: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
