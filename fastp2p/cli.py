@@ -220,11 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_translate(sub)
     _add_convert(sub)
     _add_info(sub)
+    from .bench.cli import add_bench_subcommand  # bench
     from .engines.cli import add_subcommands  # export, build-engine
     from .video import add_video_subcommands  # pipe
 
     add_subcommands(sub)
     add_video_subcommands(sub)
+    add_bench_subcommand(sub)
     return parser
 
 

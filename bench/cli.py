@@ -1,0 +1,73 @@
+"""``fastp2p bench {train,infer,data,kernels,all}``: a thin CLI over ``fastp2p.bench.ladder``.
+
+Wire it into the main CLI with ``add_bench_subcommand(sub)`` (``sub`` = the subparsers object); standalone:
+``python -m fastp2p.bench.cli train --quick``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("section", choices=("train", "infer", "data", "kernels", "all"), help="what to measure")
+    p.add_argument("--quick", action="store_true", help="fewer repeats, same models (CPU train ladder < 3 min)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--json", default=None, metavar="PATH", help="write every number (and every repeat) here")
+    p.add_argument("--plot", default=None, metavar="PNG", help="bar chart of the train ladder")
+    p.add_argument("--large-batch", type=int, default=None, help="the ladder's large batch (default: 16 GPU, 4 CPU)")
+    p.add_argument("--compile-cpu", action="store_true", help="measure the compile rung on a CPU too (minutes)")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: ngf 8, unet_128 at 128x128
+    p.set_defaults(func=run)
+
+
+def add_bench_subcommand(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="measure speed against the reference baseline, side by side",
+                       description="Benchmarks: the training ablation ladder, inference backends, data loaders and "
+                       "fused kernels, each against a baseline measured in the same run. Table printed last.")
+    add_arguments(p)
+    return p
+
+
+def run(args) -> int:
+    import torch
+    from fastp2p.bench import harness, ladder
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("fastp2p bench: --device cuda but no CUDA device is available here", file=sys.stderr)
+        return 2
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    plan = ladder.Plan.make(device, args.quick, args.tiny, args.large_batch, args.compile_cpu)
+    result = ladder.run_bench(args.section, plan, log)
+    result["config"]["argv"] = sys.argv[1:]
+    if args.json:
+        harness.write_json(result, args.json)
+        log(f"JSON: {args.json}")
+    if args.plot:
+        if any(r["section"] == "train" for r in result["rows"]):
+            try:
+                harness.plot(result, args.plot)
+                log(f"plot: {args.plot}")
+            except Exception as e:  # e.g. no matplotlib on a bare GPU box: the numbers matter more
+                log(f"--plot failed: {type(e).__name__}: {e}")
+        else:
+            log("--plot: no train ladder in this run; no plot written")
+    sys.stdout.flush()
+    harness.print_table(result)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="fastp2p bench")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
