@@ -75,9 +75,8 @@ def test_conv_transpose_fwd_bwd(benchmark, path, cin, cout, hw):
 def test_batchnorm_leaky_relu_fwd_bwd(benchmark, impl, shape):
     """Batch norm (training) + LeakyReLU(0.2), forward and backward: eager PyTorch vs fastp2p.kernels (Triton on CUDA,
     its torch backend on a CPU, where Triton only interprets)."""
-    from torch import nn
-
     from fastp2p.kernels import FusedNormAct, default_backend
+    from torch import nn
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     bn = nn.BatchNorm2d(shape[1]).to(dev)
