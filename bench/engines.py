@@ -33,19 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from fastp2p.bench.core import cpu_model
 
 from fastp2p import __version__
 from fastp2p.models import build_generator
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def environment() -> dict:

@@ -305,27 +305,3 @@ def cmd_pipe(args) -> int:
     n = run_pipe(tr, w, h, batch_size=args.batch_size, max_latency_ms=args.max_latency_ms)
     log.info("pipe: %d frame(s) of %dx%d", n, w, h)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m fastp2p.video pipe ...``: the video subcommands on their own (same errors and exit codes)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="fastp2p", description="fastp2p video subcommands")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    add_video_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="fastp2p: %(message)s",
-                        stream=sys.stderr)
-    try:
-        return args.func(args)
-    except UserError as e:
-        print(f"fastp2p: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fastp2p: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -331,7 +331,7 @@ def test_pipe_through_ffmpeg(tmp_path, ckpt):
     vin = _make_video(tmp_path / "in.mp4", _frames(8, 48, 64))
     out = tmp_path / "out.mp4"
     cmd = (f"ffmpeg -v error -i {vin} -f rawvideo -pix_fmt rgb24 - | "
-           f"{sys.executable} -m fastp2p.video pipe --size 64x48 --checkpoint {ckpt} --batch_size 4 | "
+           f"{sys.executable} -m fastp2p pipe --size 64x48 --checkpoint {ckpt} --batch_size 4 | "
            f"ffmpeg -v error -y -f rawvideo -pix_fmt rgb24 -s 64x48 -r {FPS} -i - -pix_fmt yuv420p {out}")
     r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr.decode()
