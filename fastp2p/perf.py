@@ -306,11 +306,7 @@ class GemmConv2d(nn.Conv2d):
     def from_native(cls, m: nn.Conv2d, max_rows: int = GEMM_MAX_ROWS,
                     small_out_cols: int = GEMM_SMALL_OUT_COLS) -> GemmConv2d:
         """Turn ``m`` itself into a GemmConv2d (same object, same Parameters) and return it."""
-        if type(m) not in (nn.Conv2d, cls) or not _gemm_supported(m):
-            raise TypeError(f"needs a plain nn.Conv2d with groups=1, zero padding given as numbers; got {m!r}")
-        m.__class__ = cls
-        m.gemm_max_rows, m.gemm_small_out_cols = max_rows, small_out_cols
-        return m
+        return _swap_to_gemm(cls, nn.Conv2d, m, max_rows, small_out_cols)
 
 
 class GemmConvTranspose2d(nn.ConvTranspose2d):
@@ -330,11 +326,17 @@ class GemmConvTranspose2d(nn.ConvTranspose2d):
     @classmethod
     def from_native(cls, m: nn.ConvTranspose2d, max_rows: int = GEMM_MAX_ROWS,
                     small_out_cols: int = GEMM_SMALL_OUT_COLS) -> GemmConvTranspose2d:
-        if type(m) not in (nn.ConvTranspose2d, cls) or not _gemm_supported(m):
-            raise TypeError(f"needs a plain nn.ConvTranspose2d with groups=1 and zero padding; got {m!r}")
-        m.__class__ = cls
-        m.gemm_max_rows, m.gemm_small_out_cols = max_rows, small_out_cols
-        return m
+        return _swap_to_gemm(cls, nn.ConvTranspose2d, m, max_rows, small_out_cols)
+
+
+def _swap_to_gemm(cls, native: type, m: nn.Module, max_rows: int, small_out_cols: int):
+    """Swap ``m``'s class to the GEMM subclass ``cls`` in place (same object, Parameters and state_dict keys)."""
+    if type(m) not in (native, cls) or not _gemm_supported(m):
+        raise TypeError(f"needs a plain nn.{native.__name__} with groups=1 and zero padding given as numbers; "
+                        f"got {m!r}")
+    m.__class__ = cls
+    m.gemm_max_rows, m.gemm_small_out_cols = max_rows, small_out_cols
+    return m
 
 
 def conv_input_shapes(model: nn.Module, example_shape) -> dict[str, tuple[int, ...]]:

@@ -134,6 +134,12 @@ if triton is not None:
         mean = tl.load(MEAN + soff + c, mask=cm, other=0.0).to(tl.float32)
         var = tl.load(VAR + soff + c, mask=cm, other=1.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt_rn(var + eps)
+        scale, shift = _scale_shift(W, B, c, cm, rstd, HAS_W, HAS_B)
+        return mean, rstd, scale, shift
+
+    @triton.jit
+    def _scale_shift(W, B, c, cm, rstd, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+        """The affine folded into the normalization: y = (x - mean) * scale + shift, scale = rstd * w."""
         if HAS_W:
             scale = rstd * tl.load(W + c, mask=cm, other=1.0).to(tl.float32)
         else:
@@ -141,8 +147,8 @@ if triton is not None:
         if HAS_B:
             shift = tl.load(B + c, mask=cm, other=0.0).to(tl.float32)
         else:
-            shift = tl.zeros_like(mean)
-        return mean, rstd, scale, shift
+            shift = tl.zeros_like(rstd)
+        return scale, shift
 
     @triton.jit
     def _apply_tiles(X, Y, n, c, cm, l0, l1, mean, scale, shift, slope,
@@ -191,14 +197,7 @@ if triton is not None:
             tl.store(MEAN + n * C + c, mean, mask=cm)
             tl.store(VAR + n * C + c, var, mask=cm)
             rstd = 1.0 / tl.sqrt_rn(var + eps)
-            if HAS_W:
-                scale = rstd * tl.load(W + c, mask=cm, other=1.0).to(tl.float32)
-            else:
-                scale = rstd
-            if HAS_B:
-                shift = tl.load(B + c, mask=cm, other=0.0).to(tl.float32)
-            else:
-                shift = tl.zeros_like(mean)
+            scale, shift = _scale_shift(W, B, c, cm, rstd, HAS_W, HAS_B)
             _apply_tiles(X, Y, n, c, cm, l0, l1, mean, scale, shift, slope,
                          sxn, sxc, sxl, syn, syc, syl, ACT, BLOCK_L)
         else:
