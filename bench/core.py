@@ -117,8 +117,9 @@ class BaselineTrain:
         self.G = init_weights(RefUnetGenerator(m.input_nc, m.output_nc, 8 if m.netG == "unet_256" else 7, m.ngf,
                                                m.norm, not m.no_dropout))
         self.D = build_discriminator(m.netD, m.input_nc + m.output_nc, m.ndf, m.n_layers_D, m.norm)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=2e-4, betas=(0.5, 0.999))
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+        t = cfg.train
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=t.lr, betas=(t.beta1, 0.999))
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=t.lr, betas=(t.beta1, 0.999))
         self.batches = loader_iter
         self.bce, self.l1 = nn.BCEWithLogitsLoss(), nn.L1Loss()
 
@@ -135,9 +136,10 @@ class BaselineTrain:
         self.D.requires_grad_(False)
         self.opt_G.zero_grad()
         pf = self.D(torch.cat((A, fake), 1))
-        loss_G = self.bce(pf, torch.ones_like(pf)) + self.l1(fake, B) * 100.0
-        loss_G.backward()
+        loss_gan, loss_l1 = self.bce(pf, torch.ones_like(pf)), self.l1(fake, B)
+        (loss_gan + loss_l1 * 100.0).backward()
         self.opt_G.step()
+        return loss_D.detach(), loss_gan.detach(), loss_l1.detach()
 
 
 class FastTrain:
