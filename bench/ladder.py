@@ -367,31 +367,84 @@ def run_data(plan: Plan, log=print) -> tuple[list[dict], dict]:
         while True:
             yield from ref_loader
 
-    its = {"ref": ref_endless(), "fast": endless(data_mod.make_loader(
-        data_mod.build_dataset(dataclasses.replace(d, data=str(root)), 3, 3, seed=0), 1, workers, 0))}
+    ds = data_mod.build_dataset(dataclasses.replace(d, data=str(root)), 3, 3, seed=0)
+    its = {"ref": ref_endless(), "fast": endless(data_mod.make_loader(ds, 1, workers, 0))}
 
-    def pull(it):
+    def pull(it, per=1):
         def run():
-            for _ in range(n):
-                next(it)
+            got = 0
+            while got < n:
+                a, _ = next(it)
+                got += a.shape[0] if per > 1 else 1
         return run
 
     rungs = [Rung(base_name, f"reference-style per-item PIL AlignedDataset, DataLoader({workers} workers)", n,
                   run=pull(its["ref"]), group=group, baseline=base_name),
              Rung(f"{group}:fastp2p-loader", f"fastp2p.data.make_loader ({workers} workers), facades BtoA", n,
                   run=pull(its["fast"]), group=group, baseline=base_name)]
+    # DALI and gpu-cache at batch 4 (they work per batch; the two above per pair): pairs/s is what the trainer gets.
+    fast_bs = 4
+    rungs += _fast_data_rungs(ds, group, base_name, n, workers, fast_bs, pull, log)
     for r in rungs:
+        if r.run is None:
+            continue
         t0 = time.perf_counter()
-        r.run()  # warm-up: worker start-up excluded
-        r.setup_s = time.perf_counter() - t0
-    rungs += [Rung(f"{group}:dali-{k}", f"DALI {k} pipeline", n, group=group, baseline=base_name,
-                   skipped="not implemented yet: waits on the DALI issue (no DALI loader in fastp2p.data)")
-              for k in ("cpu", "gpu")]
+        r.run()  # warm-up: worker start-up, pipeline build and cache decode excluded (setup s also holds the build)
+        r.setup_s = (r.setup_s or 0.0) + time.perf_counter() - t0
     harness.run_rounds(rungs, 3, 1, "cpu")
     rows = harness.summarize(rungs, None)
     for r in rows:
         r["unit"] = "pairs"
-    return rows, {"data": {"root": str(root), "pairs_per_unit": n, "workers": workers}}
+    return rows, {"data": {"root": str(root), "pairs_per_unit": n, "workers": workers, "fast_batch": fast_bs}}
+
+
+def _fast_data_rungs(ds, group, base_name, n, workers, bs, pull, log) -> list[Rung]:
+    """DALI (CPU threads; mixed GPU decode on CUDA) and gpu-cache (host tensors; device memory on CUDA) over the
+    same dataset, ``workers`` threads for DALI. GPU rungs synchronize per batch so the time covers the device work."""
+    from fastp2p.bench.core import endless
+
+    from fastp2p.data import backends
+
+    def mk(name, label, factory, skip=None):
+        if skip:
+            return Rung(f"{group}:{name}", label, n, group=group, baseline=base_name, skipped=skip)
+        t0 = time.perf_counter()
+        try:
+            loader = factory()
+        except Exception as e:  # reported as a skipped row, not a crash of the whole bench
+            return Rung(f"{group}:{name}", label, n, group=group, baseline=base_name,
+                        skipped=f"failed: {type(e).__name__}: {e}"[:200])
+        it = endless(loader)
+        if "cuda" in name:
+            def synced(it=it):
+                while True:
+                    a, b = next(it)
+                    torch.cuda.synchronize()
+                    yield a, b
+            it = synced()
+        log(f"[data] {name}")
+        return Rung(f"{group}:{name}", label, n, run=pull(it, bs), group=group, baseline=base_name,
+                    setup_s=time.perf_counter() - t0)
+
+    no_dali = None if backends.dali_available() else f"DALI not installed ({backends.DALI_INSTALL})"
+    no_gpu = None if torch.cuda.is_available() else "GPU only (no CUDA device in this run)"
+
+    def dali(device):
+        from fastp2p.data.dali import DaliLoader
+
+        return lambda: DaliLoader(ds, bs, 0, device=device, num_threads=workers, drop_last=True,
+                                  channels_last=device == "cuda")
+
+    def cache(device):
+        from fastp2p.data.gpu_cache import GpuCacheLoader
+
+        return lambda: GpuCacheLoader(ds, bs, 0, device=device, drop_last=True, channels_last=device == "cuda")
+
+    return [mk("dali-cpu", f"DALI, CPU decode + ops on {workers} threads, batch {bs}", dali("cpu"), no_dali),
+            mk("gpu-cache-cpu", f"gpu-cache path on host tensors (decoded once), batch {bs}", cache("cpu")),
+            mk("dali-cuda", f"DALI, mixed (nvJPEG) decode + GPU ops, {workers} threads, batch {bs}", dali("cuda"),
+               no_dali or no_gpu),
+            mk("gpu-cache-cuda", f"gpu-cache, uint8 dataset in GPU memory, batch {bs}", cache("cuda"), no_gpu)]
 
 
 # -- kernels ------------------------------------------------------------------------------------------------------

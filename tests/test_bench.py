@@ -71,8 +71,13 @@ def test_data_and_kernels_sections(tmp_path, capsys):
     if data_rows[0]["skipped"]:
         pytest.skip(data_rows[0]["skipped"])
     names = [r["rung"].rsplit(":", 1)[1] for r in data_rows]
-    assert names == ["reference-pil", "fastp2p-loader", "dali-cpu", "dali-gpu"]
-    assert all(r["skipped"] for r in data_rows[2:])
+    assert names == ["reference-pil", "fastp2p-loader", "dali-cpu", "gpu-cache-cpu", "dali-cuda", "gpu-cache-cuda"]
+    by = {n: r for n, r in zip(names, data_rows, strict=True)}
+    assert not by["gpu-cache-cpu"]["skipped"]  # runs on host tensors here
+    assert by["dali-cuda"]["skipped"] and by["gpu-cache-cuda"]["skipped"]  # no GPU on this machine
+    from fastp2p.data.backends import dali_available
+
+    assert bool(by["dali-cpu"]["skipped"]) != dali_available()
     _check_speedups(data_rows)
     out.write_text(json.dumps(data_rows))
 

@@ -1,6 +1,7 @@
 """Data layer: reference pix2pix preprocessing, paired datasets (aligned A|B files, A/ + B/ folders, built-in
 synthetic) and a deterministic multi-worker loader. See datasets.py for the item contract, loader.py for batches."""
 
+from .backends import make_train_loader
 from .datasets import AlignedDataset, Pair, PairDataset, TwoFolderDataset, build_dataset
 from .loader import Batch, PairLoader, collate, make_loader
 from .synthetic import SyntheticDataset
@@ -19,4 +20,5 @@ __all__ = [
     "collate",
     "get_params",
     "make_loader",
+    "make_train_loader",
 ]

@@ -12,6 +12,14 @@ and ``loader.epoch(e, start=k)`` resumes mid-epoch with exactly batches k, k+1, 
 never loaded). Plain iteration runs epoch ``loader.next_epoch`` (``set_epoch``) and, when that epoch was consumed to
 the end, advances it by one; an epoch abandoned midway (max_steps) is not advanced.
 
+Sharding (data-parallel training, one loader per rank): ``shard_id`` / ``num_shards`` give each rank a slice of the
+same ``(seed, epoch)`` permutation, ``DistributedSampler``'s semantics: rank ``r`` takes positions ``r, r + k, r + 2k,
+...`` (``k = num_shards``), so the ranks' step-``s`` batches together are exactly the step-``s`` batch of one process
+with a ``k`` times larger batch. Every rank must run the same number of steps (each step is a collective), so the
+permutation is made a multiple of ``k`` long: padded with its own first items by default (every pair is seen at
+least once per epoch, at most ``k - 1`` of them twice), or cut short with ``drop_last`` (at most ``k - 1`` pairs,
+different ones each epoch, are skipped). ``len(loader)`` is then the batches per epoch of one rank.
+
 The sampler yields ``(epoch, index)`` keys rather than bare indices, so persistent workers (which hold a copy of the
 dataset made when they started) always know the epoch without any broadcast.
 
@@ -123,12 +131,24 @@ def _collate_guarded(items: Sequence[Pair | _Failure]) -> Batch | _Failure:
 
 class EpochSampler(Sampler[tuple[int, int]]):
     """Yields ``(epoch, index)`` keys: a fresh permutation per epoch from ``torch.Generator`` seeded with
-    ``(seed, epoch)`` when shuffling, else ``0..n-1``."""
+    ``(seed, epoch)`` when shuffling, else ``0..n-1``; with ``num_shards > 1`` only shard ``shard_id``'s slice of it
+    (see the module docstring)."""
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, shard_id: int = 0, num_shards: int = 1,
+                 drop_last: bool = False):
+        if num_shards < 1 or not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id {shard_id} outside 0..{num_shards - 1} (num_shards {num_shards})")
         self.n, self.seed, self.shuffle = n, int(seed), shuffle
+        self.shard_id, self.num_shards, self.drop_last = int(shard_id), int(num_shards), drop_last
         self.epoch = 0
-        self.start = 0  # items of the epoch's order to skip (mid-epoch resume)
+        self.start = 0  # items of the shard's order to skip (mid-epoch resume)
+
+    @property
+    def shard_len(self) -> int:
+        """Items per epoch in this shard (the same for every shard)."""
+        if self.num_shards == 1:
+            return self.n
+        return self.n // self.num_shards if self.drop_last else math.ceil(self.n / self.num_shards)
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = int(epoch), int(start)
@@ -139,20 +159,66 @@ class EpochSampler(Sampler[tuple[int, int]]):
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, _NOT_AN_INDEX))
         return torch.randperm(self.n, generator=g).tolist()
 
+    def shard(self, epoch: int) -> list[int]:
+        """This shard's indices of ``epoch``, in order: every ``num_shards``-th item of the epoch's permutation, padded
+        with (or cut to) a multiple of ``num_shards`` first so every shard has ``shard_len`` items."""
+        order = self.order(epoch)
+        if self.num_shards == 1:
+            return order
+        total = self.shard_len * self.num_shards
+        if total > len(order):  # pad cyclically (more than once when there are fewer pairs than shards)
+            order = (order * math.ceil(total / max(1, len(order))))[:total]
+        return order[:total][self.shard_id::self.num_shards]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.epoch
-        return ((epoch, i) for i in self.order(epoch)[self.start:])
+        return ((epoch, i) for i in self.shard(epoch)[self.start:])
 
     def __len__(self) -> int:
-        return max(0, self.n - self.start)
+        return max(0, self.shard_len - self.start)
 
 
-class PairLoader:
+class EpochLoader:
+    """The batch/epoch protocol every loader backend shares (torch, DALI, gpu-cache): subclasses provide
+    ``batches(epoch, start)``, ``__len__``, ``close()`` and a ``dataset``; this adds ``epoch``, plain iteration,
+    ``bad_files`` and ``with``."""
+
+    dataset: PairDataset
+    next_epoch: int = 0
+
+    def batches(self, epoch: int | None = None, start: int = 0) -> Iterator[Batch]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def bad_files(self) -> list[BadFile]:
+        return self.dataset.bad_files
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The ``(A, B)`` batches of ``epoch``, from batch ``start`` (``0 <= start <= len(self)``) on."""
+        for batch in self.batches(epoch, start):
+            yield batch.A, batch.B
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.next_epoch
+        yield from self.epoch(epoch)
+        self.next_epoch = epoch + 1
+
+
+class PairLoader(EpochLoader):
     """A DataLoader over a ``PairDataset`` with epoch bookkeeping; build it with ``make_loader``."""
 
     def __init__(self, dataset: PairDataset, batch_size: int, num_workers: int, seed: int, drop_last: bool = False,
                  pin_memory: bool | None = None, device: str | torch.device = "cpu", shuffle: bool = True,
-                 prefetch_factor: int = 2):
+                 prefetch_factor: int = 2, shard_id: int = 0, num_shards: int = 1):
         if batch_size < 1:
             raise UserError(f"--batch_size must be >= 1 (got {batch_size})")
         if num_workers < 0:
@@ -164,7 +230,7 @@ class PairLoader:
         if pin_memory is None:  # pinned host memory only helps (and only exists) for copies to a CUDA device
             pin_memory = self.device.type == "cuda" and torch.cuda.is_available()
         self.pin_memory = pin_memory
-        self.sampler = EpochSampler(len(dataset), seed, shuffle)
+        self.sampler = EpochSampler(len(dataset), seed, shuffle, shard_id, num_shards, drop_last)
         self.next_epoch = 0  # the epoch plain iteration runs
         workers = num_workers > 0
         self._loader = DataLoader(
@@ -188,12 +254,8 @@ class PairLoader:
         self.next_epoch = int(epoch)
 
     def __len__(self) -> int:
-        n = len(self.dataset)
+        n = self.sampler.shard_len
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    @property
-    def bad_files(self) -> list[BadFile]:
-        return self.dataset.bad_files
 
     def batches(self, epoch: int | None = None, start: int = 0) -> Iterator[Batch]:
         """Full batches (with paths) of ``epoch`` (default ``self.next_epoch``, which is not advanced), from batch
@@ -227,28 +289,14 @@ class PairLoader:
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
 
-    def __enter__(self) -> PairLoader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The ``(A, B)`` batches of ``epoch``, from batch ``start`` (``0 <= start <= len(self)``) on."""
-        for batch in self.batches(epoch, start):
-            yield batch.A, batch.B
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = self.next_epoch
-        yield from self.epoch(epoch)
-        self.next_epoch = epoch + 1
-
 
 def make_loader(dataset: PairDataset, batch_size: int, num_workers: int, seed: int, drop_last: bool = False,
                 pin_memory: bool | None = None, device: str | torch.device = "cpu", shuffle: bool = True,
-                prefetch_factor: int = 2) -> PairLoader:
+                prefetch_factor: int = 2, shard_id: int = 0, num_shards: int = 1) -> PairLoader:
     """A ``PairLoader`` (see the module docstring for the batch and epoch contract). ``num_workers > 0`` uses that many
     persistent worker processes, each keeping ``prefetch_factor`` batches in flight; ``pin_memory=None`` pins host
-    batches when ``device`` is CUDA and CUDA is available."""
+    batches when ``device`` is CUDA and CUDA is available. ``shard_id`` / ``num_shards``: this rank's slice of every
+    epoch for data-parallel training (pass the rank and the world size)."""
     return PairLoader(dataset, batch_size, num_workers, seed, drop_last=drop_last, pin_memory=pin_memory,
-                      device=device, shuffle=shuffle, prefetch_factor=prefetch_factor)
+                      device=device, shuffle=shuffle, prefetch_factor=prefetch_factor, shard_id=shard_id,
+                      num_shards=num_shards)

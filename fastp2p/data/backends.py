@@ -1,0 +1,144 @@
+"""Loader selection (``--loader dali|torch|gpu-cache``) and what the non-torch backends share with the torch loader.
+
+Every backend yields the same batch contract as ``PairLoader`` (see loader.py): ``(A, B)`` float tensors in [-1, 1],
+``A`` the source with ``input_nc`` channels, ``B`` the target; ``len(loader)`` batches per epoch; ``loader.epoch(e,
+start=k)`` resumes mid-epoch; ``loader.bad_files``; ``loader.close()``. They also share the *content* of an epoch:
+the order is ``EpochSampler(n, seed, shuffle).order(epoch)`` and the jitter of the item at index ``i`` is
+``get_params(..., random.Random(derive_seed(seed, epoch, i)))``, so for one (seed, epoch) the torch, DALI and
+gpu-cache loaders produce the same pairs with the same crops and flips, in the same batches (pixels differ only by the
+resize implementation: see tests/test_dali.py for the tolerance).
+
+Auto selection (``DataConfig.loader = None``): ``dali`` when training on CUDA with DALI installed and the dataset is
+made of image files, else ``torch``. ``gpu-cache`` is never picked automatically: it holds the whole decoded dataset
+in device memory, which only the user can judge (facades: 400 pairs x 256x512x3 = 157 MB).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+
+from ..config import Config
+from ..errors import UserError
+from .datasets import PairDataset, TwoFolderDataset
+from .loader import EpochSampler
+
+LOADERS = ("dali", "torch", "gpu-cache")
+DALI_INSTALL = 'pip install -c constraints-cpu.txt -e ".[dali]" (or: pip install nvidia-dali-cuda130)'
+
+
+def dali_available() -> bool:
+    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def file_backed(dataset: PairDataset) -> bool:
+    """Whether the dataset reads image files (aligned A|B or two folders), which the DALI reader needs."""
+    from .datasets import AlignedDataset
+
+    return isinstance(dataset, (AlignedDataset, TwoFolderDataset))
+
+
+def resolve_loader(name: str | None, device: torch.device, dataset: PairDataset | None = None) -> str:
+    """The backend ``--loader name`` means on ``device`` (``None``: auto, see the module docstring)."""
+    if name is None:
+        if device.type == "cuda" and dali_available() and (dataset is None or file_backed(dataset)):
+            return "dali"
+        return "torch"
+    if name not in LOADERS:
+        raise UserError(f"--loader: unknown loader {name!r}; choose one of {', '.join(LOADERS)}")
+    if name == "dali":
+        if not dali_available():
+            raise UserError(f"--loader dali: NVIDIA DALI is not installed; install it with {DALI_INSTALL}, "
+                            f"or use --loader torch")
+        if dataset is not None and not file_backed(dataset):
+            raise UserError("--loader dali: the built-in synthetic dataset has no image files for DALI to read; "
+                            "pass --data, or use --loader torch / gpu-cache")
+    return name
+
+
+def output_channels_last(cfg: Config, device: torch.device) -> bool:
+    """Whether batches should come channels-last: the trainer's own rule (``--channels_last``, default on for CUDA)."""
+    cl = cfg.train.channels_last
+    return device.type == "cuda" if cl is None else bool(cl)
+
+
+def make_train_loader(cfg: Config, dataset: PairDataset, device: str | torch.device, shard_id: int = 0,
+                      num_shards: int = 1):
+    """The training loader ``cfg.data.loader`` selects, over ``dataset``, yielding batches for ``device``.
+
+    ``shard_id``/``num_shards`` (multi-GPU): this process's share of every epoch. torch: ``make_loader``'s sharding;
+    dali/gpu-cache: each shard gets ``ceil(n / num_shards)`` pairs per epoch (see ``epoch_slice``)."""
+    from .loader import make_loader
+
+    device = torch.device(device)
+    t, d = cfg.train, cfg.data
+    name = resolve_loader(d.loader, device, dataset)
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id {shard_id} outside 0..{num_shards - 1}")
+    if name == "torch":
+        # make_loader takes shard arguments only in multi-process runs (they are new there, see loader.py).
+        shards = {"shard_id": shard_id, "num_shards": num_shards} if num_shards > 1 else {}
+        return make_loader(dataset, t.batch_size, d.num_workers, t.seed, device=device.type, **shards)
+    channels_last = output_channels_last(cfg, device)
+    if name == "dali":
+        from .dali import DaliLoader
+
+        return DaliLoader(dataset, t.batch_size, t.seed, device=device, num_threads=max(1, d.num_workers),
+                          shard_id=shard_id, num_shards=num_shards, channels_last=channels_last)
+    from .gpu_cache import GpuCacheLoader
+
+    return GpuCacheLoader(dataset, t.batch_size, t.seed, device=device, shard_id=shard_id, num_shards=num_shards,
+                          channels_last=channels_last)
+
+
+# -- shared by the dali and gpu-cache backends ------------------------------------------------------------------------
+def epoch_slice(n: int, seed: int, epoch: int, shuffle: bool, shard_id: int, num_shards: int) -> list[int]:
+    """Dataset indices this shard reads in ``epoch``, in order: the torch loader's (loader.py ``EpochSampler``).
+
+    The epoch's order is ``EpochSampler(n, seed, shuffle).order(epoch)``. With ``num_shards > 1`` it is padded
+    cyclically to ``num_shards * ceil(n / num_shards)`` (``DistributedSampler``'s semantics, as the torch loader), so
+    every shard gets the same number of pairs (ranks run the same number of steps), and shard ``s`` takes positions
+    ``s, s + k, s + 2k, ...``: every pair once per epoch across shards, plus ``num_shards * ceil(n / num_shards) - n``
+    repeats when ``num_shards`` does not divide ``n``."""
+    order = EpochSampler(n, seed, shuffle).order(epoch)
+    if num_shards == 1:
+        return order
+    total = math.ceil(n / num_shards) * num_shards
+    padded = (order * math.ceil(total / n))[:total]
+    return padded[shard_id::num_shards]
+
+
+def batches_per_epoch(items: int, batch_size: int, drop_last: bool) -> int:
+    return items // batch_size if drop_last else math.ceil(items / batch_size)
+
+
+def next_good(j: int, bad: set[int] | dict, n: int) -> int:
+    """The first index from ``j`` on (wrapping around) that is not known bad: the torch dataset's substitution rule."""
+    for step in range(n):
+        k = (j + step) % n
+        if k not in bad:
+            return k
+    raise UserError("--skip_bad: every file in the dataset failed to decode")
+
+
+def item_plan(cfg, size: tuple[int, int], params) -> tuple[int, int, int, int, int, int, bool]:
+    """The reference transform (transforms.transform_pil) for an image of PIL ``size`` (w, h) and one ``get_params``
+    draw, as numbers a batched backend can apply: ``(resize_h, resize_w, crop_y, crop_x, crop_h, crop_w, flip)``.
+    A resize to the image's own size is the identity (PIL copies; DALI's and torch's resamplers give the input back);
+    a crop window reaching past the image is zero-padded there (PIL's ``crop`` beyond the border)."""
+    ow, oh = size
+    mode, load, crop = cfg.preprocess, cfg.load_size, cfg.crop_size
+    w, h = ow, oh
+    if "resize" in mode:
+        w = h = load
+    elif "scale_width" in mode and not (ow == load and oh >= crop):
+        w, h = load, int(max(load * oh / ow, crop))
+    elif mode == "none":  # __make_power_2 (nearest multiple of 4, round half to even like the reference)
+        w, h = int(round(ow / 4) * 4), int(round(oh / 4) * 4)
+    cy, cx, ch, cw = 0, 0, h, w
+    if "crop" in mode and (w > crop or h > crop):
+        cx, cy = params["crop_pos"]
+        ch = cw = crop
+    return h, w, cy, cx, ch, cw, bool(params["flip"]) and not cfg.no_flip
