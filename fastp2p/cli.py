@@ -26,7 +26,8 @@ def _positive(v: str) -> int:
 
 def _add_arch(p: argparse.ArgumentParser) -> None:
     p.add_argument("--netG", choices=("unet_256", "unet_128"), default=None, help="generator (default unet_256)")
-    p.add_argument("--norm", choices=("batch", "instance", "none"), default=None, help="normalization (default batch)")
+    p.add_argument("--norm", choices=("batch", "instance", "none", "sync_batch"), default=None,
+                   help="normalization (default batch); sync_batch: batch norm over all ranks' images (torchrun, CUDA)")
     p.add_argument("--no_dropout", action="store_true", default=None, help="generator without dropout")
     p.add_argument("--ngf", type=_positive, default=None, help="generator filters in the first conv (default 64)")
 
@@ -61,6 +62,9 @@ def _add_train(sub) -> None:
     p.add_argument("--no_flip", action="store_true", default=None)
     p.add_argument("--skip_bad", action="store_true", default=None, help="skip unreadable images, count them")
     p.add_argument("--num_workers", type=int, default=None, help="data loader worker processes")
+    p.add_argument("--loader", choices=("dali", "torch", "gpu-cache"), default=None,
+                   help="data loader: dali (NVIDIA DALI; --num_workers threads), torch (worker processes), gpu-cache "
+                        "(dataset decoded once into device memory); default: dali on CUDA when installed, else torch")
     p.add_argument("--batch_size", type=_positive, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--beta1", type=float, default=None)
@@ -72,7 +76,18 @@ def _add_train(sub) -> None:
     p.add_argument("--log_every", type=_positive, default=None)
     p.add_argument("--sample_every", type=_positive, default=None)
     p.add_argument("--save_every", type=_positive, default=None)
+    p.add_argument("--eval_every", type=_positive, default=None,
+                   help="score G on the validation split every N steps (and at the end) into metrics.jsonl")
+    p.add_argument("--eval_data", default=None,
+                   help="validation split for --eval_every (default: the val/ split beside --data)")
+    p.add_argument("--eval_max_images", type=_positive, default=None, help="pairs per evaluation (default 50)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=_positive, default=None,
+                   help="data-parallel processes on this machine (one per GPU): runs torchrun for you")
+    p.add_argument("--scale_lr", action="store_true", default=None,
+                   help="multiply --lr by the number of processes (default: the paper's lr at any world size)")
+    p.add_argument("--dist_timeout", type=float, default=None,
+                   help="seconds a multi-process job waits on a silent rank before failing (default 600)")
     p.set_defaults(func=cmd_train)
 
 
@@ -80,13 +95,28 @@ def cmd_train(args) -> int:
     from .train import fit
 
     base = preset(args.preset)
-    fields = {k: v for k, v in vars(args).items() if k not in ("preset", "func", "command", "no_progress", "verbose")}
+    fields = {k: v for k, v in vars(args).items()
+              if k not in ("preset", "func", "command", "no_progress", "verbose", "nproc", "argv")}
     if fields.get("data") is not None and not Path(fields["data"]).exists():
         raise UserError(f"--data: no such folder: {fields['data']}")
     cfg = override(base, **fields)
     if cfg.data.crop_size > cfg.data.load_size and "crop" in cfg.data.preprocess:
         raise UserError(f"--crop_size {cfg.data.crop_size} is larger than --load_size {cfg.data.load_size}")
-    summary = fit(cfg, progress=not args.no_progress)
+    if args.nproc is not None and args.nproc > 1:  # after the checks above: a bad flag is reported once, not N times
+        from .distributed import launch
+
+        return launch(args.argv, args.nproc)
+    try:
+        summary = fit(cfg, progress=not args.no_progress)
+    except Exception as e:
+        from .distributed import describe_failure
+
+        msg = describe_failure(e)  # another rank died or hung: one line, not N tracebacks
+        if msg is None:
+            raise
+        raise UserError(msg) from e
+    if summary.get("rank"):  # ranks > 0 of a torchrun job: rank 0 prints the summary
+        return 130 if summary.get("interrupted") else 0
     print(json.dumps(summary, indent=2))
     if summary.get("interrupted"):
         print(f"fastp2p: interrupted ({summary['interrupted']}) at step {summary['steps']}; checkpoint saved to "
@@ -220,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_translate(sub)
     _add_convert(sub)
     _add_info(sub)
+    from .evaluate import add_subcommand as add_eval_subcommand  # eval
+
+    add_eval_subcommand(sub)
     from .bench.cli import add_bench_subcommand  # bench
     from .engines.cli import add_subcommands  # export, build-engine
     from .video import add_video_subcommands  # pipe
@@ -232,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", None):  # train --nproc N re-runs this command line under torchrun
+        args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="fastp2p: %(message)s",
                         stream=sys.stderr)
     try:

@@ -34,6 +34,7 @@ class DataConfig:
     no_flip: bool = False
     skip_bad: bool = False
     num_workers: int = 2
+    loader: str | None = None  # dali | torch | gpu-cache; None: dali on CUDA when installed, else torch
     synthetic_size: int = 64  # how many pairs the built-in dataset holds
 
 
@@ -57,10 +58,17 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool | None = None  # None: on for CUDA, off on CPU (measured slower there, see fastp2p.perf)
     kernels: str | None = None  # triton | torch; None: triton when CUDA and Triton are present, torch otherwise
+    # Multi-process (torchrun, fastp2p.distributed): lr x world size when set (the global batch is world x batch_size;
+    # off by default: the paper's lr), and the seconds a collective may wait on a silent rank before the job fails.
+    scale_lr: bool = False
+    dist_timeout: float = 600.0
     log_every: int = 50
     sample_every: int = 500
     save_every: int = 1000
     resume: bool = False
+    eval_every: int | None = None  # score G on a validation split every N steps (fastp2p.evaluate.TrainEval)
+    eval_data: str | None = None  # None: the val/ split beside --data (the synthetic val phase without --data)
+    eval_max_images: int = 50  # pairs per evaluation: keeps it cheap
 
 
 @dataclass(frozen=True)

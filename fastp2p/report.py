@@ -38,7 +38,8 @@ def save_png(img: Image.Image, path: Path) -> None:
 
 
 class RunReporter:
-    def __init__(self, run_dir: Path, cfg, total_steps: int, progress: bool = True, start_step: int = 0):
+    def __init__(self, run_dir: Path, cfg, total_steps: int, progress: bool = True, start_step: int = 0,
+                 world_size: int = 1):
         self.run_dir, self.cfg = Path(run_dir), cfg
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -49,6 +50,7 @@ class RunReporter:
         self._wait = 0.0
         self._t = time.perf_counter()
         self._steps0 = start_step
+        self.images_per_step = cfg.train.batch_size * world_size  # img/s counts every rank's images (torchrun)
         self.last: dict = {}
         self.t_start = time.perf_counter()
 
@@ -74,7 +76,7 @@ class RunReporter:
         dt = now - self._t
         row = {"step": trainer.step, "epoch": trainer.epoch + 1}
         row.update({k: float(self._sum[k]) / self._n for k in LOSS_KEYS})
-        row.update(lr=lr, img_per_s=self._n * self.cfg.train.batch_size / dt, data_wait_frac=min(1.0, self._wait / dt),
+        row.update(lr=lr, img_per_s=self._n * self.images_per_step / dt, data_wait_frac=min(1.0, self._wait / dt),
                    time_s=now - self.t_start)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -83,6 +85,14 @@ class RunReporter:
         self.last = row
         self._sum = {k: None for k in LOSS_KEYS}
         self._n, self._wait, self._t = 0, 0.0, time.perf_counter()
+
+    def log_eval(self, step: int, scores: dict) -> None:
+        """A validation record (``--eval_every``): ``{"step": N, "eval": {"images", "L1", "PSNR", "SSIM", "mode",
+        "data", "time_s"}}``, in the same metrics.jsonl as the loss rows (which have no "eval" key)."""
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, "eval": scores}) + "\n")
+        self.last_eval = scores
+        self._t += float(scores.get("time_s", 0.0))  # keep the evaluation out of the next row's img_per_s
 
     def sample(self, step: int, A, fake, B, n: int = 4) -> Path:
         path = self.run_dir / "samples" / f"step_{step:07d}.png"
@@ -93,6 +103,7 @@ class RunReporter:
         if not self.metrics_path.is_file():
             return None
         rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if "eval" not in r]  # --eval_every records carry no losses
         if not rows:
             return None
         import matplotlib
@@ -120,7 +131,7 @@ class RunReporter:
         elapsed = time.perf_counter() - self.t_start
         steps = trainer.step - self._steps0
         summary = {"steps": trainer.step, "epoch": trainer.epoch + 1, "elapsed_s": round(elapsed, 2),
-                   "img_per_s": steps * self.cfg.train.batch_size / elapsed if elapsed > 0 else 0.0,
+                   "img_per_s": steps * self.images_per_step / elapsed if elapsed > 0 else 0.0,
                    "bad_files_skipped": len(bad_files), "interrupted": interrupted,
                    "loss_curve": str(curve) if curve else None, "run_dir": str(self.run_dir)}
         summary.update({k: self.last[k] for k in LOSS_KEYS if k in self.last})

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, perf
+from . import checkpoint, distributed, perf
 from .config import Config
 from .errors import UserError
 from .losses import gan_loss, lr_factor
@@ -59,9 +59,11 @@ class StepLosses:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, device: str | torch.device = "cpu"):
+    def __init__(self, cfg: Config, device: str | torch.device = "cpu", dist: distributed.Dist | None = None):
         self.cfg = cfg
         self.device = torch.device(device)
+        # Multi-process (torchrun): the process group fit() joined, or one the caller made; else a no-op Dist().
+        self.dist = dist if dist is not None else distributed.current(cfg.train.dist_timeout)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
         if self.device.type == "cuda":
@@ -74,6 +76,8 @@ class Trainer:
         m = cfg.model
         self.G = build_generator(m.netG, m.input_nc, m.output_nc, m.ngf, m.norm, not m.no_dropout).to(self.device)
         self.D = build_discriminator(m.netD, m.input_nc + m.output_nc, m.ndf, m.n_layers_D, m.norm).to(self.device)
+        if m.norm == "sync_batch" and self.dist.enabled:
+            self.G, self.D = distributed.sync_batch_norm(self.G, self.D, self.device)
         self.dtype = amp_dtype(self.device) if cfg.train.amp else None
         if cfg.train.amp and self.dtype is None:
             log.warning("--amp: this CPU has no native bf16 (avx512_bf16/AMX); training stays in fp32")
@@ -83,6 +87,22 @@ class Trainer:
         self.scaler_G = torch.amp.GradScaler(self.device.type, enabled=self.scale)
         # Perf transforms in one fixed order (fastp2p.perf): channels-last -> fused kernels / GEMM convs -> compile.
         self.G_run, self.D_run = perf.apply_training_transforms(self.G, self.D, cfg, self.device)
+        # The G step runs D through the plain module even under DDP. D is frozen there (only the gradient w.r.t. fake
+        # is wanted), and a DDP forward would arm D's reducer for a backward that yields no D gradients: the next D
+        # step then fails ("expected to have finished reduction in the prior iteration"). find_unused_parameters would
+        # hide that at the price of a graph traversal per step; the plain module costs nothing, and D's weights are
+        # the same object either way.
+        self.D_frozen = self.D_run
+        if self.dist.enabled:
+            # DDP after the in-place perf transforms (it sees the final parameters and their channels-last strides)
+            # and before torch.compile (the documented order: Dynamo's DDP optimizer splits graphs at DDP's buckets).
+            self.G_run = distributed.wrap_ddp(self.G_run, self.device)
+            self.D_run = distributed.wrap_ddp(self.D_run, self.device)
+            distributed.seed_rank(cfg.train.seed, self.dist.rank)  # own dropout masks per rank (rank 0 keeps --seed)
+        # --scale_lr: linear scaling for the world x batch_size global batch; off by default (the paper's lr).
+        self.base_lr = cfg.train.lr * (self.dist.world_size if cfg.train.scale_lr else 1)
+        self.steps_per_epoch: int | None = None  # set by fit(); kept in the train state to resume at another world size
+        self.saved_layout: dict = {}
         self.opt_G = _adam(self.G.parameters(), cfg, self.device)
         self.opt_D = _adam(self.D.parameters(), cfg, self.device)
         self._d_loss = self._d_loss_eager
@@ -111,7 +131,7 @@ class Trainer:
 
     def _g_loss_eager(self, A, B, fake):
         with self._autocast():
-            pred_fake = self.D_run(torch.cat([A, fake], 1))
+            pred_fake = self.D_frozen(torch.cat([A, fake], 1))
         loss_gan = gan_loss(pred_fake, True, self.cfg.train.gan_mode)
         loss_l1 = torch.nn.functional.l1_loss(fake.float(), B.float()) * self.cfg.train.lambda_L1
         return loss_gan, loss_l1
@@ -136,11 +156,18 @@ class Trainer:
         self._last_fake = fake.detach()
         return StepLosses(loss_D.detach(), loss_G_GAN.detach(), loss_G_L1.detach())
 
+    def release_ddp(self) -> None:
+        """Drop the DDP wrappers (``G_run`` / ``D_run`` become the plain modules, uncompiled) before leaving the
+        process group: the trainer sits in a reference cycle (its bound loss methods), and a DDP module still alive
+        at interpreter exit aborts the process ("terminate called without an active exception", seen with gloo)."""
+        if self.dist.enabled:
+            self.G_run, self.D_run = self.G, self.D_frozen
+
     # -- schedule ------------------------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> float:
         t = self.cfg.train
         self.epoch = epoch
-        lr = t.lr * lr_factor(t.lr_policy, epoch, t.n_epochs, t.n_epochs_decay, t.lr_decay_iters)
+        lr = self.base_lr * lr_factor(t.lr_policy, epoch, t.n_epochs, t.n_epochs_decay, t.lr_decay_iters)
         for opt in (self.opt_G, self.opt_D):
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -151,7 +178,9 @@ class Trainer:
         tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        meta: dict = {"python_random": _jsonable(random.getstate()), "step": self.step, "epoch": self.epoch}
+        meta: dict = {"python_random": _jsonable(random.getstate()), "step": self.step, "epoch": self.epoch,
+                      "steps_per_epoch": self.steps_per_epoch, "world_size": self.dist.world_size,
+                      "global_batch": self.cfg.train.batch_size * self.dist.world_size}
         for name, opt in (("opt_G", self.opt_G), ("opt_D", self.opt_D)):
             sd = opt.state_dict()
             for pid, st in sd["state"].items():
@@ -178,6 +207,7 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         random.setstate(_tuplify(meta["python_random"]))
         self.step, self.epoch = meta["step"], meta["epoch"]
+        self.saved_layout = {k: meta.get(k) for k in ("steps_per_epoch", "world_size", "global_batch")}
 
     def save(self, path: Path, extra: dict | None = None) -> Path:
         return checkpoint.save(path, cfg=self.cfg, G=self.G, D=self.D, step=self.step, epoch=self.epoch,
@@ -215,22 +245,49 @@ def fit(cfg: Config, progress: bool = True) -> dict:
     ckpt = run_dir / "checkpoints" / "latest.safetensors"
     if cfg.train.resume and not ckpt.is_file():
         raise UserError(f"--resume: no checkpoint at {ckpt}; drop --resume to start a new run")
-    trainer = Trainer(cfg, cfg.train.device)
+    # Under torchrun (WORLD_SIZE > 1): join the process group; this rank trains on cuda:LOCAL_RANK or the CPU, on its
+    # shard of the data, and rank 0 alone writes files (fastp2p.distributed).
+    dctx = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
+    trainer = Trainer(cfg, dctx.device(cfg.train.device), dist=dctx)
     if cfg.train.resume:
         trainer.load(ckpt)
     elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if dctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
 
     dataset = data_mod.build_dataset(cfg.data, cfg.model.input_nc, cfg.model.output_nc, seed=cfg.train.seed)
-    loader = data_mod.make_loader(dataset, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed,
-                                  device=trainer.device.type)
+    # --loader dali|torch|gpu-cache (fastp2p.data.backends). DALI batches are valid until the next one is requested:
+    # the loop below uses each batch within its step and keeps none.
+    loader = data_mod.make_train_loader(cfg, dataset, trainer.device, shard_id=dctx.rank, num_shards=dctx.world_size)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise UserError(f"--data: no pairs to train on in {cfg.data.data}")
     total = total_steps(cfg, steps_per_epoch)
-    reporter = RunReporter(run_dir, cfg, total, progress=progress, start_step=trainer.step)
+    trainer.steps_per_epoch = steps_per_epoch
+    if cfg.train.resume:
+        # Another world size (or batch size) than the checkpoint's: keep its epoch and the images seen in it, renumber
+        # the step (distributed.resume_step). Ranks > 0 reseed: they loaded rank 0's RNG state.
+        trainer.step = distributed.resume_step(trainer.step, trainer.epoch, trainer.saved_layout, steps_per_epoch,
+                                               cfg.train.batch_size * dctx.world_size)
+        distributed.seed_rank(cfg.train.seed, dctx.rank, trainer.step)
+    # --eval_every: validation scores into metrics.jsonl, on the main process only (fastp2p.evaluate.TrainEval)
+    from .evaluate import TrainEval, is_main_process
+
+    evaluator = TrainEval.from_config(cfg) if is_main_process() else None
+    if dctx.is_main:  # logs the ranks' mean losses and the img/s of all ranks together
+        reporter = RunReporter(run_dir, cfg, total, progress=progress, start_step=trainer.step,
+                               world_size=dctx.world_size)
+    else:
+        reporter = distributed.NullReporter(dctx.rank, trainer.step)
+
+    def save() -> None:
+        # Every rank compares its weights with the others' (a collective, so all ranks save at the same steps); rank 0
+        # alone writes. DDP keeps the replicas equal, so rank 0's G and D are the model.
+        dctx.check_replicas(trainer.G, trainer.D)
+        if dctx.is_main:
+            trainer.save(ckpt)
 
     # Ctrl-C / SIGTERM: finish the step in flight, then save a checkpoint at that step boundary (so --resume is
     # exact) and stop. A second signal aborts at once; the last checkpoint stays intact (atomic writes).
@@ -259,17 +316,26 @@ def fit(cfg: Config, progress: bool = True) -> dict:
                 losses = trainer.train_step(A, B)
                 if first_step_s is None:
                     first_step_s = time.perf_counter() - t_got
+                losses = dctx.mean_losses(losses)  # one small all-reduce on the device, no host sync
                 reporter.step(trainer, losses, A, B, lr, wait_s=t_got - t0)
+                if evaluator is not None and trainer.step % cfg.train.eval_every == 0:
+                    reporter.log_eval(trainer.step, evaluator(trainer.G, trainer.device))
                 if trainer.step % cfg.train.save_every == 0:
-                    trainer.save(ckpt)
+                    save()
+                if dctx.enabled and dctx.any_rank(stop["sig"] is not None):  # all ranks stop at the same step
+                    stop["sig"] = stop["sig"] or "signal on another rank"
                 if trainer.step >= total or stop["sig"] is not None:
                     break
                 t0 = time.perf_counter()
-        trainer.save(ckpt)
+        if evaluator is not None and stop["sig"] is None and trainer.step % cfg.train.eval_every:
+            reporter.log_eval(trainer.step, evaluator(trainer.G, trainer.device))  # the final weights too
+        save()
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
         loader.close()
+        trainer.release_ddp()
+        dctx.close()
     interrupted = stop["sig"]
     summary = reporter.close(trainer, bad_files=getattr(dataset, "bad_files", []), interrupted=interrupted)
     summary["checkpoint"] = str(ckpt)
