@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from fastp2p.bench import quality
+
 from fastp2p.checkpoint import load_generator
 from fastp2p.config import override
 
