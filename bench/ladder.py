@@ -146,36 +146,46 @@ def train_rungs(plan: Plan, batches, log=print) -> tuple[list[Rung], dict]:
         rungs.append(mk(f"{group}:cuda-graphs", "+ CUDA graph capture of the whole step",
                         skipped="not implemented: the trainer has no CUDA-graph capture yet"
                         + ("" if plan.device == "cuda" else "; GPU only")))
-        rungs.append(mk(f"{group}:dali-gpu-cache", "+ DALI / GPU-resident dataset cache as input",
-                        skipped="not implemented yet: waits on the DALI issue (no DALI loader in fastp2p.data)"
-                        + ("" if plan.device == "cuda" else "; GPU only")))
-
-        # data included: the last measured config, fed by the real loader
-        log(f"[train b{bs}] data-included")
+        # Real input: the last measured config fed by a loader. On CUDA first the GPU input path (DALI 'mixed' when
+        # installed, else the GPU-resident cache), then the torch loader (data-included) for comparison.
         from fastp2p.bench.core import endless
 
         from fastp2p import data as data_mod
 
         root = DEFAULT_DATA / "train"
-        dcfg = dataclasses.replace(plan.config(bs).data, data=str(root) if root.is_dir() else None)
-        ds = data_mod.build_dataset(dcfg, 3, 3, seed=0)
-        loader = endless(data_mod.make_loader(ds, bs, 2, 0, drop_last=True, device=plan.device))
-        t0 = time.perf_counter()
-        torch.manual_seed(0)
-        tr = Trainer(plan.config(bs, **last_live_kw), plan.device)
+        fed = [("data-included", "torch")]
+        if plan.device == "cuda":
+            fed.insert(0, ("dali-gpu-cache", "dali" if data_mod.backends.dali_available() and root.is_dir()
+                           else "gpu-cache"))
+        else:
+            rungs.append(mk(f"{group}:dali-gpu-cache", "+ DALI / GPU-resident dataset cache as input",
+                            skipped="GPU only: DALI 'mixed' decoding and the device-resident cache feed a CUDA "
+                            "trainer; on a CPU `fastp2p bench data` times dali-cpu and gpu-cache-cpu"))
+        for name, kind in fed:
+            log(f"[train b{bs}] {name} ({kind} loader)")
+            cfg = plan.config(bs, **last_live_kw)
+            dcfg = dataclasses.replace(cfg.data, data=str(root) if root.is_dir() else None, loader=kind,
+                                       num_workers=2)
+            cfg = dataclasses.replace(cfg, data=dcfg)
+            ds = data_mod.build_dataset(dcfg, 3, 3, seed=0)
+            t0 = time.perf_counter()
+            loader = endless(data_mod.make_train_loader(cfg, ds, plan.device))
+            torch.manual_seed(0)
+            tr = Trainer(cfg, plan.device)
 
-        def step_data(tr=tr, loader=loader):
-            a, b = next(loader)
-            tr.train_step(a.to(dev, non_blocking=True), b.to(dev, non_blocking=True))
+            def step_data(tr=tr, loader=loader):
+                a, b = next(loader)
+                tr.train_step(a.to(dev, non_blocking=True), b.to(dev, non_blocking=True))
 
-        for _ in range(plan.warmup):
-            step_data()
-        harness.sync(plan.device)
-        rungs.append(mk(f"{group}:data-included",
-                        f"last measured rung fed by make_loader (2 workers) from "
-                        f"{'facades' if root.is_dir() else 'the synthetic set'}",
-                        run=step_data, setup_s=time.perf_counter() - t0, flops=flops, amp=bool(last_live_kw.get("amp")),
-                        extra={"train_config": dict(last_live_kw)}))
+            for _ in range(plan.warmup):
+                step_data()
+            harness.sync(plan.device)
+            label = (f"last measured rung fed by the {kind} loader"
+                     + (" (2 workers)" if kind != "gpu-cache" else "")
+                     + f" from {'facades' if root.is_dir() else 'the synthetic set'}")
+            rungs.append(mk(f"{group}:{name}", label, run=step_data, setup_s=time.perf_counter() - t0, flops=flops,
+                            amp=bool(last_live_kw.get("amp")), extra={"train_config": dict(last_live_kw),
+                                                                      "loader": kind}))
     return rungs, config
 
 
