@@ -236,7 +236,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/quality"))
     p.add_argument("--doc", type=Path, default=Path("docs/quality.md"))
     p.add_argument("--stage", choices=("train", "report", "all"), default="all")
-    p.add_argument("--only", nargs="*", help="train only these runs (names as in the doc)")
+    p.add_argument("--only", nargs="*", help="train only these runs (names as in the doc); e.g. two processes with "
+                   "OMP_NUM_THREADS=1, one per run, use a 2-core machine better than one after the other")
     p.add_argument("--max_steps", type=int, default=None, help="cap every run (smoke tests)")
     args = p.parse_args(argv)
     if not (args.data / "train").is_dir() or not (args.data / "val").is_dir():
@@ -257,7 +258,11 @@ def main(argv=None) -> int:
             summary = train_fastp2p(cfg) if run.kind == "fastp2p" else train_baseline(cfg)
             steps = summary.get("steps") or summary.get("step")
             train[run.name] = {"steps": steps, "wall_s": summary["wall_s"],
-                               "s_per_step": summary["wall_s"] / max(1, steps or 1)}
+                               "s_per_step": summary["wall_s"] / max(1, steps or 1),
+                               "threads": torch.get_num_threads()}
+            # merged with what is on disk: runs may train in parallel processes (--only, one thread each)
+            on_disk = json.loads(train_path.read_text()) if train_path.is_file() else {}
+            train = on_disk | {run.name: train[run.name]}
             train_path.write_text(json.dumps(train, indent=2) + "\n")
     if args.stage in ("report", "all"):
         res = {}
