@@ -497,16 +497,6 @@ def evaluate(source, data, *, out: str | Path | None = None, direction: str | No
 TRAIN_EVAL_MODE = "paper"  # the default of `fastp2p eval` for checkpoints
 
 
-def is_main_process() -> bool:
-    try:
-        from .distributed import is_main  # the DDP module, where present
-    except ImportError:
-        import torch.distributed as dist
-
-        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    return is_main()
-
-
 class TrainEval:
     """``--eval_every N``: score a snapshot of the trainer's generator on the validation split.
 

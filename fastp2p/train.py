@@ -273,9 +273,9 @@ def fit(cfg: Config, progress: bool = True) -> dict:
                                                cfg.train.batch_size * dctx.world_size)
         distributed.seed_rank(cfg.train.seed, dctx.rank, trainer.step)
     # --eval_every: validation scores into metrics.jsonl, on the main process only (fastp2p.evaluate.TrainEval)
-    from .evaluate import TrainEval, is_main_process
+    from .evaluate import TrainEval
 
-    evaluator = TrainEval.from_config(cfg) if is_main_process() else None
+    evaluator = TrainEval.from_config(cfg) if dctx.is_main else None
     if dctx.is_main:  # logs the ranks' mean losses and the img/s of all ranks together
         reporter = RunReporter(run_dir, cfg, total, progress=progress, start_step=trainer.step,
                                world_size=dctx.world_size)
