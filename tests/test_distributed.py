@@ -222,8 +222,12 @@ def test_dead_rank_fails_fast_with_a_clear_message(tmp_path):
     elapsed = time.perf_counter() - t0
     assert p.returncode != 0
     assert elapsed < 60, elapsed
-    assert "rank 0: lost contact with the other ranks" in p.stderr, p.stderr[-4000:]
-    assert "exitcode  : 3" in p.stderr  # torchrun names the rank that died and its exit code
+    assert "exitcode  : 3" in p.stderr, p.stderr[-4000:]  # torchrun names the rank that died and its exit code
+    # Rank 0 normally meets the dead peer in its next collective and says so in one line. On a loaded machine
+    # torchrun's monitor can see the exit first and stop rank 0 itself (a race): then
+    # torchrun's report above is the message, and it must have closed rank 0 rather than left it waiting.
+    assert ("rank 0: lost contact with the other ranks" in p.stderr
+            or "closing signal" in p.stderr), p.stderr[-4000:]
 
 
 def test_nproc_cli_end_to_end_then_resume_on_one_process(tmp_path):
