@@ -138,6 +138,21 @@ if triton is not None:
         return mean, rstd, scale, shift
 
     @triton.jit
+    def _apply_program(W, B, MEAN, VAR, C, L, chunk, eps, PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr,
+                       HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+        """What program (k, n, cb) of the apply/backward kernels works on: sample n, channels c (mask cm), positions
+        [l0, l1) of chunk k, its statistics row offset soff (per-sample statistics or shared) and channel params."""
+        k = tl.program_id(0)
+        n = tl.program_id(1).to(tl.int64)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cm = c < C
+        soff = n * C if PER_SAMPLE else n * 0  # a tensor either way: one return type for the helper
+        mean, rstd, scale, shift = _channel_params(W, B, MEAN, VAR, soff, c, cm, eps, HAS_W, HAS_B)
+        l0 = k * chunk
+        l1 = tl.minimum(l0 + chunk, L)
+        return n, c, cm, soff, l0, l1, mean, rstd, scale, shift
+
+    @triton.jit
     def _scale_shift(W, B, c, cm, rstd, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
         """The affine folded into the normalization: y = (x - mean) * scale + shift, scale = rstd * w."""
         if HAS_W:
@@ -201,7 +216,7 @@ if triton is not None:
             _apply_tiles(X, Y, n, c, cm, l0, l1, mean, scale, shift, slope,
                          sxn, sxc, sxl, syn, syc, syl, ACT, BLOCK_L)
         else:
-            row = n * n_chunks + k
+            row = n * n_chunks + tl.program_id(0)  # this program's chunk k
             tl.store(PMEAN + row * C + c, mean, mask=cm)
             tl.store(PM2 + row * C + c, m2, mask=cm)
 
@@ -230,14 +245,8 @@ if triton is not None:
     def _fwd_apply_kernel(X, Y, W, B, MEAN, VAR, C, L, sxn, sxc, sxl, syn, syc, syl, chunk, eps, slope,
                           PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-        k = tl.program_id(0)
-        n = tl.program_id(1).to(tl.int64)
-        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cm = c < C
-        soff = n * C if PER_SAMPLE else 0
-        mean, rstd, scale, shift = _channel_params(W, B, MEAN, VAR, soff, c, cm, eps, HAS_W, HAS_B)
-        l0 = k * chunk
-        l1 = tl.minimum(l0 + chunk, L)
+        n, c, cm, soff, l0, l1, mean, rstd, scale, shift = _apply_program(W, B, MEAN, VAR, C, L, chunk, eps, PER_SAMPLE,
+                                                                          HAS_W, HAS_B, BLOCK_C)
         _apply_tiles(X, Y, n, c, cm, l0, l1, mean, scale, shift, slope, sxn, sxc, sxl, syn, syc, syl, ACT, BLOCK_L)
 
     @triton.jit
@@ -262,14 +271,8 @@ if triton is not None:
         """Program (k, n, cb): partial sums sum(dz), sum(dz * xhat) over its chunk -> PS1/PS2[n * n_chunks + k, c].
         MODE 0: only that (dx comes from _bwd_apply_kernel); 1 (fixed statistics, "running"): also dx = dz * scale in
         the same pass; 2 (instance norm, one chunk per sample): then dx from the local sums (one kernel)."""
-        k = tl.program_id(0)
-        n = tl.program_id(1).to(tl.int64)
-        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cm = c < C
-        soff = n * C if PER_SAMPLE else 0
-        mean, rstd, scale, shift = _channel_params(W, B, MEAN, VAR, soff, c, cm, eps, HAS_W, HAS_B)
-        l0 = k * chunk
-        l1 = tl.minimum(l0 + chunk, L)
+        n, c, cm, soff, l0, l1, mean, rstd, scale, shift = _apply_program(W, B, MEAN, VAR, C, L, chunk, eps, PER_SAMPLE,
+                                                                          HAS_W, HAS_B, BLOCK_C)
         s1 = tl.zeros([BLOCK_C], dtype=tl.float32)
         s2 = tl.zeros([BLOCK_C], dtype=tl.float32)
         for s in range(l0, l1, BLOCK_L):
@@ -284,7 +287,7 @@ if triton is not None:
             if MODE == 1:
                 tl.store(DX + _tile_offsets(n, c, pos, sgn, sgc, sgl), (dz * scale[:, None]).to(DX.dtype.element_ty),
                          mask=m)
-        row = n * n_chunks + k
+        row = n * n_chunks + tl.program_id(0)  # this program's chunk k
         tl.store(PS1 + row * C + c, s1, mask=cm)
         tl.store(PS2 + row * C + c, s2, mask=cm)
         if MODE == 2:
@@ -297,16 +300,10 @@ if triton is not None:
                           C, L, sdn, sdc, sdl, sxn, sxc, sxl, sgn, sgc, sgl, chunk, total, eps, slope,
                           PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
                           BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
-        k = tl.program_id(0)
-        n = tl.program_id(1).to(tl.int64)
-        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cm = c < C
-        soff = n * C if PER_SAMPLE else 0
-        mean, rstd, scale, shift = _channel_params(W, B, MEAN, VAR, soff, c, cm, eps, HAS_W, HAS_B)
+        n, c, cm, soff, l0, l1, mean, rstd, scale, shift = _apply_program(W, B, MEAN, VAR, C, L, chunk, eps, PER_SAMPLE,
+                                                                          HAS_W, HAS_B, BLOCK_C)
         m_dz = tl.load(S1 + soff + c, mask=cm, other=0.0) / total
         m_dzx = tl.load(S2 + soff + c, mask=cm, other=0.0) / total
-        l0 = k * chunk
-        l1 = tl.minimum(l0 + chunk, L)
         _dx_tiles(DY, X, DX, n, c, cm, l0, l1, mean, rstd, scale, shift, m_dz, m_dzx, slope,
                   sdn, sdc, sdl, sxn, sxc, sxl, sgn, sgc, sgl, ACT, BLOCK_L)
 
