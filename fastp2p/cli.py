@@ -115,14 +115,18 @@ def cmd_train(args) -> int:
         if msg is None:
             raise
         raise UserError(msg) from e
+    # Stopped by a signal: the shell's convention, 128 + its number (SIGINT 130, SIGTERM 143).
+    code = 128 + SIGNAL_NUMBERS.get(summary.get("interrupted"), 2) if summary.get("interrupted") else 0
     if summary.get("rank"):  # ranks > 0 of a torchrun job: rank 0 prints the summary
-        return 130 if summary.get("interrupted") else 0
+        return code
     print(json.dumps(summary, indent=2))
     if summary.get("interrupted"):
         print(f"fastp2p: interrupted ({summary['interrupted']}) at step {summary['steps']}; checkpoint saved to "
               f"{summary['checkpoint']}; continue with --resume", file=sys.stderr)
-        return 130
-    return 0
+    return code
+
+
+SIGNAL_NUMBERS = {"SIGINT": 2, "SIGTERM": 15}
 
 
 def _add_translate(sub) -> None:

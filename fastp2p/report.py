@@ -37,6 +37,26 @@ def save_png(img: Image.Image, path: Path) -> None:
     tmp.replace(path)
 
 
+def trim_metrics(path: Path, step: int) -> int:
+    """Drop the rows of ``metrics.jsonl`` past ``step`` (atomically); returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    lines = [s for s in path.read_text().splitlines() if s.strip()]
+    keep = []
+    for line in lines:
+        try:
+            row_step = json.loads(line).get("step", 0)
+        except ValueError:
+            continue  # a line cut short by a kill mid-write
+        if row_step <= step:
+            keep.append(line)
+    if len(keep) < len(lines):
+        tmp = path.with_name("." + path.name + ".tmp")
+        tmp.write_text("".join(s + "\n" for s in keep))
+        tmp.replace(path)
+    return len(lines) - len(keep)
+
+
 class RunReporter:
     def __init__(self, run_dir: Path, cfg, total_steps: int, progress: bool = True, start_step: int = 0,
                  world_size: int = 1):

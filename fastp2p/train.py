@@ -14,6 +14,7 @@ steps), TF32 and cudnn.benchmark on CUDA.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -115,6 +116,7 @@ class Trainer:
             self._g_loss = torch.compile(self._g_loss_eager)
         self.step = 0
         self.epoch = 0
+        self.saved_step: int | None = None  # the step of the checkpoint on disk (saved or resumed from), if any
 
     # -- the reference step ------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -210,15 +212,31 @@ class Trainer:
         self.saved_layout = {k: meta.get(k) for k in ("steps_per_epoch", "world_size", "global_batch")}
 
     def save(self, path: Path, extra: dict | None = None) -> Path:
-        return checkpoint.save(path, cfg=self.cfg, G=self.G, D=self.D, step=self.step, epoch=self.epoch,
-                               train_state=self.train_state(), extra=extra)
+        out = checkpoint.save(path, cfg=self.cfg, G=self.G, D=self.D, step=self.step, epoch=self.epoch,
+                              train_state=self.train_state(), extra=extra)
+        self.saved_step = self.step
+        return out
 
     def load(self, path: Path) -> None:
         meta, tensors = checkpoint.load(path)
+        _check_same_architecture(path, Config.from_dict(meta["config"]).model, self.cfg.model)
         self.G.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("G.")})
         self.D.load_state_dict({k[2:]: v for k, v in tensors.items() if k.startswith("D.")})
-        smeta, stensors = checkpoint.load_state(path)
+        smeta, stensors = checkpoint.load_state(path, meta)
         self.load_train_state(smeta, stensors)
+        self.saved_step = self.step
+
+
+def _check_same_architecture(path: Path, saved, asked) -> None:
+    """``--resume`` with flags that build other networks than the checkpoint's: name the flags, not a size dump."""
+    def norm(v):  # sync_batch writes and reads batch norm's keys: the two interchange
+        return "batch" if v == "sync_batch" else v
+
+    differ = [f"--{f.name} {getattr(saved, f.name)} (this command: {getattr(asked, f.name)})"
+              for f in dataclasses.fields(saved) if norm(getattr(saved, f.name)) != norm(getattr(asked, f.name))]
+    if differ:
+        raise UserError(f"--resume: {path} was trained with " + ", ".join(differ)
+                        + "; pass the checkpoint's flags to continue it")
 
 
 def _jsonable(x):
@@ -239,7 +257,7 @@ def fit(cfg: Config, progress: bool = True) -> dict:
     """Train per ``cfg`` into ``<out>/<name>/``; returns the run summary. Ctrl-C or SIGTERM saves a checkpoint at the
     current step boundary and returns (``summary["interrupted"]`` names the signal)."""
     from . import data as data_mod
-    from .report import RunReporter
+    from .report import RunReporter, trim_metrics
 
     run_dir = Path(cfg.train.out) / cfg.train.name
     ckpt = run_dir / "checkpoints" / "latest.safetensors"
@@ -249,13 +267,20 @@ def fit(cfg: Config, progress: bool = True) -> dict:
     # shard of the data, and rank 0 alone writes files (fastp2p.distributed).
     dctx = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
     trainer = Trainer(cfg, dctx.device(cfg.train.device), dist=dctx)
+    if dctx.is_main:  # what a killed save left behind never blocks a fresh start or a resume (one warning line)
+        checkpoint.clean_leftovers(ckpt)
     if cfg.train.resume:
         trainer.load(ckpt)
-    elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+    elif ckpt.is_file():
         raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
     if dctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        # Rows logged after the checkpoint (a run killed before its next save) are for steps about to be redone.
+        dropped = trim_metrics(run_dir / "metrics.jsonl", trainer.step)
+        if dropped:
+            log.warning("%s: dropped %d row(s) past step %d, logged by a run that stopped before saving them",
+                        run_dir / "metrics.jsonl", dropped, trainer.step)
 
     dataset = data_mod.build_dataset(cfg.data, cfg.model.input_nc, cfg.model.output_nc, seed=cfg.train.seed)
     # --loader dali|torch|gpu-cache (fastp2p.data.backends). DALI batches are valid until the next one is requested:
@@ -283,14 +308,19 @@ def fit(cfg: Config, progress: bool = True) -> dict:
         reporter = distributed.NullReporter(dctx.rank, trainer.step)
 
     def save() -> None:
+        if trainer.saved_step == trainer.step:  # the final save right after a periodic one, or nothing trained
+            return
         # Every rank compares its weights with the others' (a collective, so all ranks save at the same steps); rank 0
         # alone writes. DDP keeps the replicas equal, so rank 0's G and D are the model.
         dctx.check_replicas(trainer.G, trainer.D)
         if dctx.is_main:
             trainer.save(ckpt)
+        trainer.saved_step = trainer.step
 
     # Ctrl-C / SIGTERM: finish the step in flight, then save a checkpoint at that step boundary (so --resume is
-    # exact) and stop. A second signal aborts at once; the last checkpoint stays intact (atomic writes).
+    # exact) and stop. A second signal aborts at once; the last checkpoint stays intact (a save is one transaction).
+    # DataLoader workers ignore both signals (fastp2p.data.loader), so a SIGTERM sent to the whole process group
+    # (Slurm, Kubernetes, `timeout`) reaches this handler alone and the workers live until the loader is closed.
     stop: dict[str, str | None] = {"sig": None}
 
     def on_signal(signum, frame):

@@ -36,6 +36,7 @@ one-line ``DataError`` / ``UserError`` that ``num_workers=0`` gives.
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -213,6 +214,15 @@ class EpochLoader:
         self.next_epoch = epoch + 1
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave Ctrl-C and SIGTERM to the main process: a signal sent to the whole process group (a terminal's
+    Ctrl-C, Slurm, Kubernetes, ``timeout``) would otherwise kill them mid-batch, and DataLoader then raises "worker
+    ... is killed by signal" in the main process before it can save. The main process stops them when it closes the
+    loader; if it dies, each worker's parent watchdog ends it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class PairLoader(EpochLoader):
     """A DataLoader over a ``PairDataset`` with epoch bookkeeping; build it with ``make_loader``."""
 
@@ -243,6 +253,7 @@ class PairLoader(EpochLoader):
             drop_last=drop_last,
             # Workers start once and live across epochs (the dataset index and decoded state are not rebuilt).
             persistent_workers=workers,
+            worker_init_fn=_ignore_stop_signals,
             prefetch_factor=prefetch_factor if workers else None,
             # DataLoader draws each iterator's worker base seed from this generator; without one it would draw from
             # (and so advance) the global torch RNG that model init and dropout use. Items never use worker seeds.
