@@ -315,3 +315,61 @@ def test_leftovers_do_not_block_a_fresh_start(tmp_path, caplog):
     rows = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1]
     assert load_file(str(ck / "latest.safetensors"))  # a complete checkpoint now
+
+
+# -- damaged checkpoints and --resume mistakes: one line naming the file or the flag -------------------------------
+def _one_line(capsys, *names: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastp2p: error: ") and "Traceback" not in err[0], err
+    for name in names:
+        assert name in err[0], (name, err[0])
+    return err[0]
+
+
+@pytest.mark.parametrize("header,why", [({"fastp2p": "{not json"}, "not valid JSON"),
+                                        ({"fastp2p": json.dumps({"step": 3})}, "no config"),
+                                        ({"fastp2p": "[1, 2]"}, "no config"),
+                                        ({"other": "x"}, "without fastp2p metadata")])
+def test_damaged_header_is_one_line(tmp_path, capsys, header, why):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    save_file({"G.x": torch.zeros(2)}, str(bad), metadata=header)
+    before = bad.read_bytes()
+    capsys.readouterr()
+    assert cli.main(["info", str(bad)]) == 2
+    assert why in _one_line(capsys, str(bad))
+    img = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(img)
+    assert cli.main(["translate", str(img), "--checkpoint", str(bad), "-o", str(tmp_path / "out")]) == 2
+    _one_line(capsys, str(bad))
+    assert bad.read_bytes() == before
+
+
+def test_truncated_files_on_resume_are_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(run, "--max_steps", "1") == 0
+    sp = checkpoint.state_path(run / CKPT, checkpoint.read_meta(run / CKPT))
+    data = sp.read_bytes()
+    sp.write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert train(run, "--max_steps", "2", "--resume") == 2
+    _one_line(capsys, sp.name, "cannot --resume")
+    sp.write_bytes(data)
+    weights = (run / CKPT).read_bytes()
+    (run / CKPT).write_bytes(weights[: len(weights) - 1000])  # a header that reads, tensors cut short
+    assert train(run, "--max_steps", "2", "--resume") == 2
+    _one_line(capsys, str(run / CKPT))
+
+
+def test_resume_with_another_architecture_names_the_flag(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(run, "--max_steps", "1") == 0
+    before = (run / CKPT).read_bytes()
+    capsys.readouterr()
+    assert train(run, "--max_steps", "2", "--resume", "--ngf", "8", "--norm", "instance") == 2
+    line = _one_line(capsys, "--resume", "--ngf 4 (this command: 8)", "--norm batch (this command: instance)")
+    assert "size mismatch" not in line
+    assert (run / CKPT).read_bytes() == before
