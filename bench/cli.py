@@ -10,13 +10,20 @@ import argparse
 import sys
 
 
+def _positive(v: str) -> int:
+    from fastp2p.cli import _positive as positive  # here: fastp2p.cli imports this module
+
+    return positive(v)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("section", choices=("train", "infer", "data", "kernels", "all"), help="what to measure")
     p.add_argument("--quick", action="store_true", help="fewer repeats, same models (CPU train ladder < 3 min)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--json", default=None, metavar="PATH", help="write every number (and every repeat) here")
     p.add_argument("--plot", default=None, metavar="PNG", help="bar chart of the train ladder")
-    p.add_argument("--large-batch", type=int, default=None, help="the ladder's large batch (default: 16 GPU, 4 CPU)")
+    p.add_argument("--large-batch", type=_positive, default=None,
+                   help="the ladder's large batch (default: 16 GPU, 4 CPU)")
     p.add_argument("--compile-cpu", action="store_true", help="measure the compile rung on a CPU too (minutes)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: ngf 8, unet_128 at 128x128
     p.set_defaults(func=run)

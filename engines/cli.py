@@ -44,11 +44,14 @@ def _add_export_flags(p: argparse.ArgumentParser, *, precision_default: str | No
 
 def add_subcommands(sub) -> None:
     """Add ``export`` and ``build-engine`` to the ``fastp2p`` subparsers."""
+    from fastp2p import cli as core
+
     p = sub.add_parser("export", help="export the generator to ONNX",
                        description="Export the generator of a fastp2p checkpoint or a reference .pth to ONNX, in an "
                                    "explicit inference mode.")
     p.add_argument("src", metavar="CHECKPOINT", help="fastp2p .safetensors or reference latest_net_G.pth")
     p.add_argument("-o", "--out", required=True, help="output .onnx")
+    _add_overwrite(p, "ONNX files fastp2p exported")
     _add_export_flags(p, precision_default="fp32")
     p.set_defaults(func=cmd_export)
 
@@ -63,14 +66,39 @@ def add_subcommands(sub) -> None:
                    help="TensorRT profile sizes MIN,OPT,MAX for a --dynamic export (default size_multiple,crop,crop)")
     p.add_argument("--opt_level", type=int, choices=range(6), default=3, metavar="0-5",
                    help="TensorRT builder optimization level (default 3)")
-    p.add_argument("--workspace", type=int, default=4096, help="TensorRT workspace limit in MiB (default 4096)")
+    p.add_argument("--workspace", type=core._positive, default=4096,
+                   help="TensorRT workspace limit in MiB (default 4096)")
     p.add_argument("--timing_cache", default=None,
                    help="persistent TensorRT timing cache file (default ~/.cache/fastp2p/tensorrt/timing.cache)")
     p.add_argument("--tf32", action="store_true", help="let TensorRT use TF32 for fp32 layers")
     p.add_argument("--onnx", default=None,
                    help="where to write the intermediate ONNX of a checkpoint (default: -o with suffix .onnx)")
+    _add_overwrite(p, "files of an earlier build (a plan with its .plan.json sidecar, fastp2p ONNX files)")
     _add_export_flags(p, precision_default=None)
-    p.set_defaults(func=cmd_build_engine)
+    p.set_defaults(func=cmd_build_engine, mode=None)  # None: paper for a checkpoint; an .onnx keeps its own
+
+
+def _add_overwrite(p: argparse.ArgumentParser, ours: str) -> None:
+    from fastp2p import cli as core
+
+    core._add_overwrite(p, ours)
+
+
+def _check_outputs(args, src: Path, onnx_path: Path, out: Path) -> None:
+    """Every file build-engine writes, checked before the first one is written (``fastp2p.outputs``); needs no
+    TensorRT."""
+    if args.backend == "tensorrt":
+        from .tensorrt import check_plan_output
+
+        check_plan_output(out, inputs=[src, onnx_path], overwrite=args.overwrite, timing_cache=args.timing_cache)
+    else:
+        from .onnxruntime import check_optimized_output
+
+        check_optimized_output(onnx_path, out, overwrite=args.overwrite)
+    if onnx_path != src:
+        from .onnx import check_onnx_output
+
+        check_onnx_output(onnx_path, "--onnx" if args.onnx else "-o", inputs=[src], overwrite=args.overwrite)
 
 
 def _arch(args):
@@ -86,15 +114,44 @@ def _export_kwargs(args, precision: str) -> dict:
 
 
 def _check_mode_flags(args) -> None:
+    from fastp2p import cli as core
+
     if args.mode == "eval" and args.paper_dropout:
         raise UserError("--paper_dropout: eval mode has no dropout; use --mode paper")
+    core.check_arch_flags(args, args.src, "CHECKPOINT")
+    core.check_crop_size(args.crop_size)
+
+
+def _check_onnx_source(args, src: Path, meta: dict) -> None:
+    """build-engine from an exported .onnx: the export flags would be ignored (the file keeps its mode, sizes and
+    architecture), so any that asks for something else is refused."""
+    arch = meta.get("arch") or {}
+    pre = meta["preprocessing"]
+    asked = [(f"--mode {args.mode}", args.mode is not None and args.mode != meta.get("mode")),
+             ("--paper_dropout", args.paper_dropout and meta.get("dropout") != "on"),
+             ("--no_dropout_at_inference", args.no_dropout_at_inference and meta.get("dropout") == "on"),
+             ("--dynamic", args.dynamic and not meta.get("dynamic_hw")),
+             (f"--crop_size {args.crop_size}", args.crop_size is not None and args.crop_size != pre["crop_size"]),
+             (f"--direction {args.direction}", args.direction is not None and args.direction != pre.get("direction")),
+             (f"--opset {args.opset}", args.opset is not None and args.opset != meta.get("opset")),
+             (f"--exporter {args.exporter}", args.exporter != "auto"),
+             (f"--netG {args.netG}", args.netG is not None and args.netG != arch.get("netG")),
+             (f"--norm {args.norm}", args.norm is not None and args.norm != arch.get("norm")),
+             (f"--ngf {args.ngf}", args.ngf is not None and args.ngf != arch.get("ngf")),
+             ("--no_dropout", args.no_dropout is not None and arch.get("use_dropout") is not False)]
+    flags = [f for f, on in asked if on]
+    if flags:
+        raise UserError(f"{flags[0]}: {src} is an exported ONNX, which keeps its own mode, sizes and architecture "
+                        f"({meta.get('mode')} mode, {meta['preprocessing']['crop_size']}px"
+                        f"{', dynamic H,W' if meta.get('dynamic_hw') else ''}); re-export the checkpoint with "
+                        f"{' '.join(flags)} (`fastp2p export`), or leave them out")
 
 
 def cmd_export(args) -> int:
     from .onnx import export_onnx
 
     _check_mode_flags(args)
-    out = export_onnx(args.src, args.out, **_export_kwargs(args, args.precision))
+    out = export_onnx(args.src, args.out, **_export_kwargs(args, args.precision), overwrite=args.overwrite)
     print(f"wrote {out} ({args.mode} mode{', dropout on' if args.paper_dropout else ''}, {args.precision}"
           f"{', dynamic H,W' if args.dynamic else ''})")
     return 0
@@ -106,8 +163,12 @@ def cmd_build_engine(args) -> int:
 
     _check_mode_flags(args)
     src, out = Path(args.src), Path(args.out)
+    if src.is_dir():
+        raise UserError(f"CHECKPOINT|ONNX {src}: is a folder; give a checkpoint or an exported .onnx file")
     if not src.is_file():
         raise UserError(f"not found: {src}")
+    if args.timing_cache and Path(args.timing_cache).is_dir():
+        raise UserError(f"--timing_cache {args.timing_cache}: is a folder; give a file path (created if missing)")
     batch = parse_triple(args.batch, "--batch")
     hw = parse_triple(args.hw, "--hw") if args.hw else None
     from_onnx = src.suffix == ".onnx"
@@ -121,14 +182,17 @@ def cmd_build_engine(args) -> int:
 
     if from_onnx:
         meta = read_onnx_meta(src)
+        _check_onnx_source(args, src, meta)
         if args.precision and args.precision != meta.get("precision"):
             raise UserError(f"--precision {args.precision}: {src} was exported in {meta.get('precision')} and "
                             "TensorRT builds strongly typed networks; re-export the checkpoint with "
                             f"`fastp2p export --precision {args.precision}`")
         onnx_path = src
+        _check_outputs(args, src, onnx_path, out)
     else:
         from .onnx import export_onnx
 
+        args.mode = args.mode or "paper"
         precision = args.precision or ("fp16" if args.backend == "tensorrt" else "fp32")
         if args.backend == "tensorrt":
             onnx_path = Path(args.onnx) if args.onnx else out.with_suffix(".onnx")
@@ -136,13 +200,14 @@ def cmd_build_engine(args) -> int:
             onnx_path = Path(args.onnx) if args.onnx else out.with_name(out.stem.removesuffix(".ort") + ".src.onnx")
         if onnx_path.resolve() == out.resolve():
             raise UserError(f"--onnx {onnx_path}: same file as -o; choose another name")
-        export_onnx(src, onnx_path, **_export_kwargs(args, precision))
+        _check_outputs(args, src, onnx_path, out)
+        export_onnx(src, onnx_path, **_export_kwargs(args, precision), overwrite=args.overwrite)
         print(f"wrote {onnx_path} ({args.mode} mode, {precision})")
 
     if args.backend == "onnxruntime":
         from .onnxruntime import optimize_onnx
 
-        optimize_onnx(onnx_path, out)
+        optimize_onnx(onnx_path, out, overwrite=args.overwrite)
         print(f"wrote {out} and {out}.json (ONNX Runtime optimized graph)")
         return 0
 
@@ -160,6 +225,6 @@ def cmd_build_engine(args) -> int:
                         "NVIDIA GPU")
     engine_trt.build_engine(onnx_path, out, batch=batch, hw=hw, opt_level=args.opt_level,
                             workspace_mib=args.workspace, timing_cache=args.timing_cache, tf32=args.tf32,
-                            verbose=getattr(args, "verbose", False))
+                            verbose=getattr(args, "verbose", False), overwrite=args.overwrite)
     print(f"wrote {out} and {engine_trt.sidecar_path(out).name}")
     return 0

@@ -54,11 +54,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastp2p import __version__
+from fastp2p import __version__, outputs
 from fastp2p.checkpoint import atomic_write
 from fastp2p.config import Config, DataConfig, ModelConfig
 from fastp2p.errors import UserError
 from fastp2p.inference import MODES, PerSampleBatchNorm, with_mode
+from fastp2p.models.unet import size_problem
 
 log = logging.getLogger("fastp2p.engines")
 
@@ -127,10 +128,9 @@ def source_from_generator(G, cfg: Config | None = None, *, checkpoint: str = "",
         pre["crop_size"] = int(crop_size)
         pre["load_size"] = int(crop_size)
     pre["test_resize"] = "bicubic to crop_size x crop_size, no flip (the reference's test preprocessing)"
-    multiple = 2 ** int(G.num_downs)
-    if pre["crop_size"] % multiple:
-        raise UserError(f"--crop_size {pre['crop_size']} must be a multiple of {multiple} for this "
-                        f"{G.num_downs}-level U-Net")
+    why = size_problem(int(pre["crop_size"]), int(G.num_downs))
+    if why:
+        raise UserError(why)
     m = cfg.model
     arch = {"netG": m.netG, "num_downs": int(G.num_downs), "ngf": int(G.down[0].out_channels), "norm": m.norm,
             "use_dropout": not m.no_dropout, "input_nc": int(G.down[0].in_channels),
@@ -337,14 +337,51 @@ def _set_meta(proto, meta: dict) -> None:
         entry.value = json.dumps(v) if k in _JSON_KEYS else str(v)
 
 
-def meta_from_proto(proto) -> dict:
+def meta_from_proto(proto, where: str | Path = "ONNX file") -> dict:
+    """The ``fastp2p.*`` entries of ``proto``'s metadata; a JSON value that does not parse is a ``UserError`` naming
+    ``where`` (the file) and the key."""
     out = {}
     for entry in proto.metadata_props:
         if not entry.key.startswith(META_PREFIX):
             continue
         k = entry.key[len(META_PREFIX):]
-        out[k] = json.loads(entry.value) if k in _JSON_KEYS else entry.value
+        if k in _JSON_KEYS:
+            try:
+                out[k] = json.loads(entry.value)
+            except ValueError as e:  # json.JSONDecodeError
+                raise UserError(f"{where}: corrupt {entry.key} metadata (not JSON: {getattr(e, 'msg', e)}); "
+                                "re-export it with `fastp2p export`") from None
+        else:
+            out[k] = entry.value
     return out
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def check_meta(meta: dict, where: str | Path, prefix: str = META_PREFIX, fix: str = "re-export it with `fastp2p "
+               "export`") -> dict:
+    """``meta`` has every entry the engines read, of the right type; else a ``UserError`` naming ``where`` and the
+    first bad key (``prefix`` + key, as the file spells it) and saying how to get a good file (``fix``)."""
+    def bad(key: str, why: str):
+        raise UserError(f"{where}: {prefix}{key} metadata {why}; {fix}")
+
+    if meta.get("mode") not in MODES:
+        bad("mode", f"is {meta.get('mode')!r}, not one of {', '.join(MODES)}")
+    pre = meta.get("preprocessing")
+    if not isinstance(pre, dict) or not _count(pre.get("crop_size")):
+        bad("preprocessing", "is missing or has no positive crop_size")
+    arch = meta.get("arch")
+    if not isinstance(arch, dict) or not all(_count(arch.get(k)) for k in ("input_nc", "output_nc", "num_downs")):
+        bad("arch", "is missing or lacks input_nc / output_nc / num_downs")
+    if not _count(meta.get("size_multiple")):
+        bad("size_multiple", "is missing or not a positive whole number")
+    inp = meta.get("input")
+    if not isinstance(inp, dict) or not isinstance(inp.get("name"), str) or not isinstance(inp.get("shape"), list) \
+            or len(inp["shape"]) != 4:
+        bad("input", "is missing or lacks its name / 4-d shape")
+    return meta
 
 
 def read_onnx_meta(path: str | Path) -> dict:
@@ -357,11 +394,30 @@ def read_onnx_meta(path: str | Path) -> dict:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends
         raise UserError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
-    meta = meta_from_proto(proto)
+    meta = meta_from_proto(proto, path)
     if meta.get("format") != FORMAT:
         raise UserError(f"{path}: not an ONNX file exported by fastp2p (no fastp2p.format metadata); "
                         "export it with `fastp2p export`")
-    return meta
+    return check_meta(meta, path)
+
+
+def is_our_onnx(path: str | Path) -> bool:
+    """An ONNX file fastp2p wrote (an export, or its ONNX Runtime optimization): ``fastp2p.format`` in its
+    metadata (the graph is read, its external weights are not)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # protobuf's DecodeError and friends: not an ONNX file, so not ours
+        return False
+    return any(p.key == META_PREFIX + "format" and p.value == FORMAT for p in proto.metadata_props)
+
+
+def check_onnx_output(out: str | Path, flag: str = "-o", *, inputs=(), overwrite: bool = False,
+                      kind: str = "export") -> Path:
+    """``fastp2p.outputs.output_file`` for an ONNX output: an existing file is replaced only if ``is_our_onnx``
+    (or ``overwrite``); never an input."""
+    return outputs.output_file(out, flag, kind=kind, ours=is_our_onnx, inputs=inputs, overwrite=overwrite)
 
 
 def save_onnx(proto, path: Path, *, large: bool) -> None:
@@ -382,11 +438,12 @@ def save_onnx(proto, path: Path, *, large: bool) -> None:
 def export_onnx(src, out: str | Path, *, mode: str = "paper", dropout: bool = False, precision: str = "fp32",
                 dynamic: bool = False, opset: int | None = None, model: ModelConfig | None = None,
                 direction: str | None = None, crop_size: int | None = None, exporter: str = "auto",
-                check: bool = True) -> Path:
+                check: bool = True, overwrite: bool = False) -> Path:
     """Export the generator of ``src`` (a checkpoint path or a ``Source``) to ``out`` and return ``out``.
 
     ``dropout`` only applies to paper mode: False (default) exports deterministic paper mode, True bakes stochastic
-    dropout into the graph. Raises ``UserError`` for bad arguments; the file is written atomically."""
+    dropout into the graph. Raises ``UserError`` for bad arguments; the file is written atomically. An existing
+    ``out`` is replaced only if fastp2p wrote it (``is_our_onnx``) or with ``overwrite``; never ``src``."""
     onnx = require_onnx()
     if precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -394,6 +451,10 @@ def export_onnx(src, out: str | Path, *, mode: str = "paper", dropout: bool = Fa
         opset = BF16_OPSET if precision == "bf16" else DEFAULT_OPSET
     if opset < MIN_OPSET:
         raise UserError(f"--opset {opset}: fastp2p exports opset {MIN_OPSET} or newer")
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise UserError(f"--opset {opset}: the installed onnx {onnx.__version__} knows opsets up to {newest}; "
+                        f"choose {MIN_OPSET}..{newest}")
     if precision == "bf16" and opset < BF16_OPSET:
         raise UserError(f"--opset {opset}: bf16 convolutions need opset {BF16_OPSET} or newer (ONNX Conv has no "
                         "bfloat16 before it)")
@@ -401,6 +462,9 @@ def export_onnx(src, out: str | Path, *, mode: str = "paper", dropout: bool = Fa
     out = Path(out)
     if out.suffix != ".onnx":
         raise UserError(f"-o {out}: an ONNX export must be named *.onnx")
+    inputs = [None if isinstance(src, Source) else src]
+    ours = is_our_onnx(out)  # an earlier export owns the external weights file beside it too
+    check_onnx_output(out, inputs=inputs, overwrite=overwrite)
     t0 = time.perf_counter()
     M = export_module(source.G, mode, dropout=dropout, precision=precision)
     multiple, C = source.multiple, source.arch["input_nc"]
@@ -410,9 +474,16 @@ def export_onnx(src, out: str | Path, *, mode: str = "paper", dropout: bool = Fa
     example = torch.rand(2, C, side, side) * 2 - 1
     n_bytes = sum(p.numel() * p.element_size() for p in M.state_dict().values())
     large = n_bytes > PROTOBUF_LIMIT
+    if large:
+        outputs.output_file(out.with_name(out.name + ".data"), "-o", kind="export", inputs=inputs,
+                            ours=lambda p: ours, overwrite=overwrite)
     with tempfile.TemporaryDirectory(prefix="fastp2p-export-") as work:
         proto, used = _trace_onnx(M, example, dynamic=dynamic, multiple=multiple, opset=opset, exporter=exporter,
                                   large=large, workdir=Path(work))
+    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:  # torch's exporter falls back to its own opset when it cannot convert, with only a log line
+        raise UserError(f"--opset {opset}: torch {torch.__version__}'s {used} exporter produced opset {got} instead; "
+                        f"choose an opset it supports (e.g. the default {DEFAULT_OPSET})")
     spatial = ["H", "W"] if dynamic else [crop, crop]
     meta = {
         "format": FORMAT,
@@ -441,12 +512,14 @@ def export_onnx(src, out: str | Path, *, mode: str = "paper", dropout: bool = Fa
     proto.graph.name = "fastp2p_generator"
     if check:
         if large:
-            save_onnx(proto, out, large=True)
+            with outputs.writing(out, "-o"):
+                save_onnx(proto, out, large=True)
             onnx.checker.check_model(str(out), full_check=True)
         else:
             onnx.checker.check_model(proto, full_check=True)
     if not (check and large):
-        save_onnx(proto, out, large=large)
+        with outputs.writing(out, "-o"):
+            save_onnx(proto, out, large=large)
     log.debug("exported %s (%s mode, %s, %s) in %.1f s", out, mode, precision, "dynamic N,H,W" if dynamic
              else "dynamic N", time.perf_counter() - t0)
     return out

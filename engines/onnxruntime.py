@@ -22,13 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastp2p import __version__
+from fastp2p import __version__, outputs
 from fastp2p.checkpoint import atomic_write
 from fastp2p.errors import UserError
 
-from .onnx import meta_from_proto, read_onnx_meta
+from .onnx import check_onnx_output, meta_from_proto, read_onnx_meta
 
 log = logging.getLogger("fastp2p.engines")
+
+ORT_FORMAT = "fastp2p-ort-1"  # the ``format`` of an optimized model's ``.json`` sidecar
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.uint8: np.uint8}
 _ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16}
@@ -135,9 +137,22 @@ class OrtGenerator:
         return y
 
 
-def optimize_onnx(src: str | Path, out: str | Path, *, level: str = "extended", threads: int | None = None) -> Path:
+def sidecar_path(out: str | Path) -> Path:
+    return Path(str(out) + ".json")
+
+
+def check_optimized_output(src: str | Path, out: str | Path, *, overwrite: bool = False) -> None:
+    """``out`` and its sidecar may be written (``fastp2p.outputs``): replaced only if fastp2p wrote them, or with
+    ``overwrite``; never ``src``."""
+    check_onnx_output(out, inputs=[src], overwrite=overwrite, kind="build-engine")
+    outputs.output_file(sidecar_path(out), "-o", kind="build-engine", inputs=[src], overwrite=overwrite,
+                        ours=lambda p: (outputs.json_object(p) or {}).get("format") == ORT_FORMAT)
+
+
+def optimize_onnx(src: str | Path, out: str | Path, *, level: str = "extended", threads: int | None = None,
+                  overwrite: bool = False) -> Path:
     """Write ONNX Runtime's optimized graph of ``src`` to ``out`` (``.onnx``) with a JSON sidecar ``out.json``; the
-    fastp2p metadata is carried over."""
+    fastp2p metadata is carried over. Existing outputs: see ``check_optimized_output``."""
     import onnx
 
     ort = require_ort()
@@ -147,6 +162,7 @@ def optimize_onnx(src: str | Path, out: str | Path, *, level: str = "extended", 
         raise UserError(f"-o {out}: --backend onnxruntime writes an ONNX file; name it *.onnx")
     if out.resolve() == src.resolve():
         raise UserError(f"-o {out}: would overwrite its own source; choose another name")
+    check_optimized_output(src, out, overwrite=overwrite)
     t0 = time.perf_counter()
 
     def write(tmp):
@@ -161,17 +177,19 @@ def optimize_onnx(src: str | Path, out: str | Path, *, level: str = "extended", 
             proto.metadata_props.extend(src_proto.metadata_props)
             onnx.save_model(proto, tmp)
 
-    atomic_write(out, write)
+    with outputs.writing(out, "-o"):
+        atomic_write(out, write)
     opt_s = time.perf_counter() - t0
     from fastp2p.checkpoint import file_hash
 
-    sidecar = {"format": "fastp2p-ort-1", "backend": "onnxruntime", "onnxruntime": ort.__version__,
+    sidecar = {"format": ORT_FORMAT, "backend": "onnxruntime", "onnxruntime": ort.__version__,
                "optimization_level": level, "providers": ["CPUExecutionProvider"], "precision": meta.get("precision"),
                "mode": meta.get("mode"), "dropout": meta.get("dropout"), "preprocessing": meta.get("preprocessing"),
                "arch": meta.get("arch"), "dynamic_hw": meta.get("dynamic_hw"),
                "checkpoint": meta.get("checkpoint"), "checkpoint_sha256": meta.get("checkpoint_sha256"),
                "onnx": src.name, "onnx_sha256": file_hash(src), "cpu": platform.processor() or platform.machine(),
                "fastp2p": __version__, "optimize_s": round(opt_s, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    atomic_write(Path(str(out) + ".json"), lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
+    with outputs.writing(sidecar_path(out), "-o"):
+        atomic_write(sidecar_path(out), lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
     log.debug("wrote %s (ONNX Runtime %s, %s optimizations) in %.1f s", out, ort.__version__, level, opt_s)
     return out

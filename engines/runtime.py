@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from fastp2p.config import ModelConfig
 from fastp2p.errors import UserError
 from fastp2p.inference import MODES, to_model_input, to_uint8
+from fastp2p.models.unet import size_problem
 
 TORCH_SUFFIXES = (".safetensors", ".pth", ".pt")
 ONNX_SUFFIXES = (".onnx",)
@@ -210,8 +211,9 @@ def open_runtime(path: str | Path, *, device: str | torch.device | None = None, 
         raise UserError(f"--crop_size {crop_size}: {path} takes {rt.meta['crop_size']}x{rt.meta['crop_size']} only; "
                         "re-export with --dynamic for other sizes")
     if crop_size is not None:
-        if crop_size % rt.meta["size_multiple"]:
-            raise UserError(f"--crop_size {crop_size} must be a multiple of {rt.meta['size_multiple']}")
+        why = size_problem(crop_size, int(rt.meta["arch"]["num_downs"]))
+        if why:
+            raise UserError(why)
         rt.meta["crop_size"] = int(crop_size)
     if direction is not None:
         rt.meta["direction"] = direction

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-from fastp2p import __version__
+from fastp2p import __version__, outputs
 from fastp2p.checkpoint import atomic_write
 from fastp2p.errors import UserError
 
-from .onnx import read_onnx_meta
+from .onnx import check_meta, read_onnx_meta
 
 log = logging.getLogger("fastp2p.engines")
 
@@ -115,6 +115,31 @@ def sidecar_path(plan: str | Path) -> Path:
     return Path(str(plan) + ".json")
 
 
+def _is_plan_sidecar(path: Path) -> bool:
+    return (outputs.json_object(path) or {}).get("format") == PLAN_FORMAT
+
+
+def is_our_plan(plan: str | Path) -> bool:
+    """A plan ``build_engine`` wrote: its ``.plan.json`` sidecar says so (a serialized engine has no room for
+    metadata of ours; a plan built by hand with trtexec has no sidecar)."""
+    return _is_plan_sidecar(sidecar_path(plan))
+
+
+def check_plan_output(plan: str | Path, *, inputs=(), overwrite: bool = False,
+                      timing_cache: str | Path | None = None) -> Path:
+    """The files ``build_engine`` writes may be written (``fastp2p.outputs``): the plan and its sidecar replaced only
+    if an earlier build's, or with ``overwrite``; never an input. Needs no TensorRT, so ``build-engine`` checks it
+    before exporting anything."""
+    plan = Path(plan)
+    outputs.output_file(plan, "-o", kind="build-engine", ours=is_our_plan, inputs=inputs, overwrite=overwrite)
+    outputs.output_file(sidecar_path(plan), "-o", kind="build-engine", ours=_is_plan_sidecar, inputs=inputs,
+                        overwrite=overwrite)
+    cache = Path(timing_cache) if timing_cache else default_timing_cache()
+    # read and rewritten by every build, by design: only the path is checked
+    outputs.output_file(cache, "--timing_cache", kind="build-engine", ours=lambda p: True, inputs=inputs)
+    return plan
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # profile shapes
 # ---------------------------------------------------------------------------------------------------------------------
@@ -193,8 +218,10 @@ def parse_onnx(trt, builder, onnx_path: Path, logger):
 
 def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch=DEFAULT_BATCH, hw=None,
                  opt_level: int = DEFAULT_OPT_LEVEL, workspace_mib: int = DEFAULT_WORKSPACE_MIB,
-                 timing_cache: str | Path | None = None, tf32: bool = False, verbose: bool = False) -> Path:
-    """Build a TensorRT engine from a fastp2p ONNX export; writes ``plan_path`` and ``plan_path.json``.
+                 timing_cache: str | Path | None = None, tf32: bool = False, verbose: bool = False,
+                 overwrite: bool = False) -> Path:
+    """Build a TensorRT engine from a fastp2p ONNX export; writes ``plan_path`` and ``plan_path.json`` (existing
+    ones: see ``check_plan_output``).
 
     ``batch`` and ``hw`` are (min, opt, max); ``hw`` only for a ``--dynamic`` export (square sizes). ``tf32=False``
     keeps fp32 layers in real fp32 (TensorRT would otherwise use TF32 tensor cores for them)."""
@@ -202,6 +229,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch=DEFAULT_
     if not torch.cuda.is_available():
         raise UserError("TensorRT needs a CUDA GPU and torch sees none here")
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
+    check_plan_output(plan_path, inputs=[onnx_path], overwrite=overwrite, timing_cache=timing_cache)
     meta = read_onnx_meta(onnx_path)
     shapes = profile_shapes(meta, batch, hw)
     input_name = meta["input"]["name"]
@@ -239,9 +267,11 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch=DEFAULT_
     build_s = time.perf_counter() - t0
     cache = config.get_timing_cache()
     cache_bytes = bytes(cache.serialize())
-    atomic_write(cache_file, lambda tmp: Path(tmp).write_bytes(cache_bytes))
+    with outputs.writing(cache_file, "--timing_cache"):
+        atomic_write(cache_file, lambda tmp: Path(tmp).write_bytes(cache_bytes))
     plan_bytes = bytes(plan)
-    atomic_write(plan_path, lambda tmp: Path(tmp).write_bytes(plan_bytes))
+    with outputs.writing(plan_path, "-o"):
+        atomic_write(plan_path, lambda tmp: Path(tmp).write_bytes(plan_bytes))
 
     from fastp2p.checkpoint import file_hash
 
@@ -256,8 +286,9 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch=DEFAULT_
         "workspace_mib": int(workspace_mib), "timing_cache": str(cache_file), "build_s": round(build_s, 1),
         "fastp2p": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    atomic_write(sidecar_path(plan_path),
-                  lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
+    with outputs.writing(sidecar_path(plan_path), "-o"):
+        atomic_write(sidecar_path(plan_path),
+                     lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
     log.info("built %s (%s, profile %s) in %.0f s", plan_path, meta.get("precision"), shapes, build_s)
     return plan_path
 
@@ -272,11 +303,11 @@ def read_plan_meta(plan_path: str | Path) -> dict:
     if side.is_file():
         try:
             meta = json.loads(side.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{side}: unreadable sidecar ({e})") from None
-        if meta.get("format") != PLAN_FORMAT:
+        except (OSError, ValueError) as e:  # json.JSONDecodeError, UnicodeDecodeError (a binary file)
+            raise UserError(f"{side}: unreadable sidecar ({e}); rebuild the plan with `fastp2p build-engine`") from None
+        if not isinstance(meta, dict) or meta.get("format") != PLAN_FORMAT:
             raise UserError(f"{side}: not a fastp2p TensorRT sidecar")
-        return meta
+        return check_meta(meta, side, prefix="", fix="rebuild the plan with `fastp2p build-engine`")
     onnx_beside = plan_path.with_suffix(".onnx")
     if onnx_beside.is_file():
         meta = dict(read_onnx_meta(onnx_beside))

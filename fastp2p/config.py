@@ -8,6 +8,11 @@ from dataclasses import dataclass, field
 
 from .errors import UserError
 
+# Largest image (width x height) any command opens: PIL's own default Image.MAX_IMAGE_PIXELS (about 89.5 M pixels, e.g.
+# 9459 x 9459; ~270 MB decoded as RGB). A header claiming more is refused before any pixel is decoded, naming the file
+# and --max_pixels (how decompression bombs, a few KB claiming 30000 x 30000, are stopped).
+DEFAULT_MAX_PIXELS = 89_478_485
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -36,6 +41,7 @@ class DataConfig:
     num_workers: int = 2
     loader: str | None = None  # dali | torch | gpu-cache; None: dali on CUDA when installed, else torch
     synthetic_size: int = 64  # how many pairs the built-in dataset holds
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are a DataError naming the file (--max_pixels)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,10 @@
 
 Data (``--data``): a folder of aligned A|B images (the pix2pix layout; ``--direction`` picks the source half), or a
 folder with ``A/`` and ``B/`` sub-folders of same-named images; or a dataset root without images of its own, whose
-``val/`` split (else ``test/``) is used. Files are taken in sorted order; ``--max_images N`` keeps the first N.
+``val/`` split (else ``test/``) is used. Files are taken in sorted order; ``--max_images N`` keeps the first N. Every
+kept file's header is read first: an unreadable file, one over ``--max_pixels``, or an A/B pair of different sizes
+(refused, as training refuses it: resizing both to the model's size would compare different framings) stops the run
+with one line naming the file, before any work.
 
 Preprocessing is ``translate``'s (the reference's test setup): source and target are resized with bicubic filtering to
 the model's ``crop_size`` (no crop, no flip) and the output is compared with the target at that resolution. Metrics
@@ -56,10 +59,13 @@ from urllib.parse import quote
 import numpy as np
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from . import metrics as M
+from . import outputs
 from .checkpoint import atomic_write, versions
 from .errors import DataError, UserError
+from .images import open_image
 from .inference import to_model_input, to_uint8
 
 log = logging.getLogger("fastp2p.eval")
@@ -86,11 +92,13 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=str)
 
 
-def _open_rgb(path: Path) -> Image.Image:
+def _open_rgb(path: Path, max_pixels: int | None = None) -> Image.Image:
     try:
-        with Image.open(path) as im:
+        with open_image(path, max_pixels) as im:
             im.load()
             return im.convert("RGB")
+    except DataError:
+        raise
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(path, f"cannot decode image ({e})") from None
 
@@ -103,9 +111,20 @@ def _prep(img: Image.Image, size: int, nc: int) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def _aligned_loader(path: Path):
+def _probe(path: Path, max_pixels: int | None) -> tuple[int, int]:
+    """(w, h) from the header; ``DataError`` naming the file when unreadable or over ``max_pixels``."""
+    try:
+        with open_image(path, max_pixels) as im:
+            return im.size
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(path, f"cannot decode image ({e})") from None
+
+
+def _aligned_loader(path: Path, max_pixels: int | None = None):
     def load(direction: str, size: int, in_nc: int, out_nc: int) -> tuple[np.ndarray, np.ndarray]:
-        img = _open_rgb(path)
+        img = _open_rgb(path, max_pixels)
         w, h = img.size
         if w % 2:
             raise DataError(path, f"odd width {w}: an aligned A|B pair must split into two equal halves")
@@ -115,9 +134,9 @@ def _aligned_loader(path: Path):
     return load
 
 
-def _two_folder_loader(pa: Path, pb: Path):
+def _two_folder_loader(pa: Path, pb: Path, max_pixels: int | None = None):
     def load(direction: str, size: int, in_nc: int, out_nc: int) -> tuple[np.ndarray, np.ndarray]:
-        a, b = _open_rgb(pa), _open_rgb(pb)
+        a, b = _open_rgb(pa, max_pixels), _open_rgb(pb, max_pixels)
         src, tgt = (b, a) if direction == "BtoA" else (a, b)
         return _prep(src, size, in_nc), _prep(tgt, size, out_nc)
     return load
@@ -140,19 +159,29 @@ def resolve_split(data: str | Path, flag: str = "--data") -> Path:
                           f"give {flag} a folder of aligned A|B images")
 
 
-def folder_pairs(data: str | Path, max_images: int | None = None, flag: str = "--data") -> tuple[Path, list[EvalPair]]:
-    """(resolved folder, pairs in sorted order, at most ``max_images``)."""
+def folder_pairs(data: str | Path, max_images: int | None = None, flag: str = "--data",
+                 max_pixels: int | None = None) -> tuple[Path, list[EvalPair]]:
+    """(resolved folder, pairs in sorted order, at most ``max_images``). Every kept file's header is read here, so an
+    unreadable file, one over ``max_pixels``, or (two folders) an A/B pair of different sizes is a ``DataError``
+    naming the file before any work; the training dataset refuses mismatched pairs too, and resizing both halves to
+    the model's size would compare images of different aspect."""
     folder = resolve_split(data, flag)
     pairs: list[EvalPair] = []
     if (folder / "A").is_dir() and (folder / "B").is_dir() and not _images_in(folder):
         index_b = {p.stem: p for p in _images_in(folder / "B")}
-        for pa in _images_in(folder / "A"):
+        for pa in _images_in(folder / "A")[:max_images]:
             if pa.stem not in index_b:
                 raise DataError(pa, f"no counterpart named {pa.stem}.* in {folder / 'B'}")
-            pairs.append(EvalPair(pa.stem, str(pa), _two_folder_loader(pa, index_b[pa.stem])))
+            pb = index_b[pa.stem]
+            (wa, ha), (wb, hb) = _probe(pa, max_pixels), _probe(pb, max_pixels)
+            if (wa, ha) != (wb, hb):
+                raise DataError(pa, f"size {wa}x{ha} differs from its counterpart {pb} ({wb}x{hb}); an A/B pair must "
+                                    "be the same size (resize one of them, or leave the pair out)")
+            pairs.append(EvalPair(pa.stem, str(pa), _two_folder_loader(pa, pb, max_pixels)))
     else:
-        for p in _images_in(folder):
-            pairs.append(EvalPair(p.stem, str(p), _aligned_loader(p)))
+        for p in _images_in(folder)[:max_images]:
+            _probe(p, max_pixels)
+            pairs.append(EvalPair(p.stem, str(p), _aligned_loader(p, max_pixels)))
     if not pairs:
         raise DataError(folder, "folder holds no .png/.jpg/.jpeg images")
     seen: set[str] = set()
@@ -304,8 +333,42 @@ def summarize(rows: list[dict]) -> dict:
 _HIGHER_IS_BETTER = {"L1": False, "PSNR": True, "SSIM": True, "LPIPS": False}
 
 
+KIND = "eval"  # the marker of the gallery PNGs (``fastp2p.outputs``)
+REPORT_FILES = ("metrics.csv", "index.html", "metrics.json")
+GALLERY_KINDS = ("input", "output", "target")
+
+
 def _png(arr: np.ndarray, path: Path) -> None:
-    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path, format="PNG")
+    info = PngInfo()
+    for k, v in outputs.png_text(KIND).items():
+        info.add_text(k, v)
+    with outputs.writing(path, "-o"):
+        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path, format="PNG", pnginfo=info)
+
+
+def is_eval_report(path: str | Path) -> bool:
+    """``path`` is the metrics.json of an earlier ``fastp2p eval``."""
+    d = outputs.json_object(path)
+    return (d is not None and isinstance(d.get("definitions"), dict) and isinstance(d.get("versions"), dict)
+            and "fastp2p" in d["versions"])
+
+
+def check_report_folder(out: Path, pairs: list[EvalPair], *, inputs=(), overwrite: bool = False) -> list[Path]:
+    """Check every file ``write_report`` and the gallery will write under ``out`` (``fastp2p.outputs``): ``out`` is no
+    input folder; an existing file there is replaced only in an earlier eval's folder (its metrics.json, or gallery
+    PNGs carrying eval's marker) or with ``overwrite``. Two pairs with one gallery name are refused."""
+    outputs.output_dir(out, "-o", inputs=inputs)
+    seen: dict[str, str] = {}
+    for p in pairs:
+        if p.name in seen:
+            raise DataError(p.path, f"and {seen[p.name]} would share the gallery name {p.name}; rename one")
+        seen[p.name] = p.path
+    images = out / "images"
+    owned = is_eval_report(out / "metrics.json") or (
+        images.is_dir() and any(outputs.png_marked(f, KIND) for f in images.glob("*.png")))
+    names = [*REPORT_FILES, *(f"images/{p.name}_{k}.png" for p in pairs for k in GALLERY_KINDS)]
+    return outputs.output_files(out, names, "-o", kind=KIND, inputs=inputs, overwrite=overwrite,
+                                ours=(lambda f: True) if owned else (lambda f: outputs.png_marked(f, KIND)))
 
 
 class GalleryWriter:
@@ -313,7 +376,8 @@ class GalleryWriter:
 
     def __init__(self, out: Path):
         self.dir = out / "images"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        with outputs.writing(self.dir, "-o"):
+            self.dir.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, pairs, src, out, tgt) -> None:
         for p, s, o, t in zip(pairs, src, out, tgt, strict=True):
@@ -396,10 +460,12 @@ def _csv_text(rows: list[dict]) -> str:
 
 
 def write_report(out: Path, result: dict, rows: list[dict]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "metrics.csv", lambda tmp: Path(tmp).write_text(_csv_text(rows)))
-    atomic_write(out / "index.html", lambda tmp: Path(tmp).write_text(gallery_html(result, rows), encoding="utf-8"))
-    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
+    with outputs.writing(out, "-o"):
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "metrics.csv", lambda tmp: Path(tmp).write_text(_csv_text(rows)))
+        atomic_write(out / "index.html",
+                     lambda tmp: Path(tmp).write_text(gallery_html(result, rows), encoding="utf-8"))
+        atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -426,8 +492,10 @@ def evaluate(source, data, *, out: str | Path | None = None, direction: str | No
              dropout: bool | None = None, model=None, crop_size: int | None = None, batch_size: int = 1,
              seed: int = 0, device: str | None = None, fid_weights: str | Path | None = None,
              lpips_weights: str | Path | None = None, max_images: int | None = None, write: bool = True,
-             quiet: bool = False) -> dict:
-    """Evaluate a generator on a split and (``write``) write the report to ``out`` (default ``eval/<stem>``).
+             quiet: bool = False, overwrite: bool = False, max_pixels: int | None = None) -> dict:
+    """Evaluate a generator on a split and (``write``) write the report to ``out`` (default ``eval/<stem>``; checked
+    first by ``check_report_folder``: never the data folder, files there replaced only if an earlier eval's, or
+    with ``overwrite``).
 
     source: a checkpoint (.safetensors / reference .pth described by ``model``), an exported .onnx / .plan, or an open
     ``fastp2p.engines.runtime.Generator``. mode / dropout: as ``translate`` (checkpoints: default paper mode with
@@ -445,7 +513,11 @@ def evaluate(source, data, *, out: str | Path | None = None, direction: str | No
     if max_images is not None and max_images < 1:
         raise UserError(f"--max_images {max_images}: must be >= 1")
     t0 = time.perf_counter()
-    folder, pairs = folder_pairs(data, max_images)
+    folder, pairs = folder_pairs(data, max_images, max_pixels=max_pixels)
+    if write:  # before any model is loaded: a bad -o fails at once and nothing is written
+        named = Path(str(source.meta.get("source") or "generator")) if isinstance(source, Generator) else Path(source)
+        check_report_folder(Path(out) if out is not None else Path("eval") / named.stem, pairs, overwrite=overwrite,
+                            inputs=[data, folder, folder / "A", folder / "B", named, fid_weights, lpips_weights])
     dev = torch.device(device or "cpu")
     fid = InceptionFeatures(fid_weights, dev) if fid_weights else None
     lpips = LpipsDistance(lpips_weights, dev) if lpips_weights else None
@@ -518,14 +590,14 @@ class TrainEval:
             return None
         n = t.eval_max_images
         if t.eval_data:
-            folder, pairs = folder_pairs(t.eval_data, n, flag="--eval_data")
+            folder, pairs = folder_pairs(t.eval_data, n, flag="--eval_data", max_pixels=cfg.data.max_pixels)
             return cls(cfg, pairs, str(folder))
         if cfg.data.data is None:
             return cls(cfg, synthetic_pairs(cfg.data, n or 16), "synthetic:val")
         root = Path(cfg.data.data)
         for cand in (root / "val", root.parent / "val" if root.name == cfg.data.phase else None):
             if cand is not None and cand.is_dir():
-                folder, pairs = folder_pairs(cand, n, flag="--eval_data")
+                folder, pairs = folder_pairs(cand, n, flag="--eval_data", max_pixels=cfg.data.max_pixels)
                 return cls(cfg, pairs, str(folder))
         log.warning("--eval_every: no val/ split beside the training data in %s; pass --eval_data DIR to evaluate "
                     "(training continues without evaluation)", root)
@@ -558,7 +630,7 @@ class TrainEval:
 # command line
 # ---------------------------------------------------------------------------------------------------------------------
 def add_subcommand(sub) -> None:
-    from .cli import _add_arch, _positive
+    from .cli import _add_arch, _add_max_pixels, _add_overwrite, _positive, _seed
 
     p = sub.add_parser("eval", help="score a generator on a validation split (L1, PSNR, SSIM; FID/LPIPS with local "
                                     "weights) and write an HTML gallery",
@@ -573,9 +645,11 @@ def add_subcommand(sub) -> None:
     p.add_argument("--mode", choices=("paper", "eval"), default=None,
                    help="paper (default for checkpoints): per-image statistics + dropout seeded by --seed; eval: "
                         "running stats, no dropout. An --engine has its mode baked in")
-    p.add_argument("-o", "--out", default=None, help="output folder (default eval/<file stem>)")
+    p.add_argument("-o", "--out", default=None,
+                   help="output folder (default eval/<file stem>); never the --data folder")
+    _add_overwrite(p, "the files of an earlier eval's folder")
     p.add_argument("--batch_size", type=_positive, default=1)
-    p.add_argument("--seed", type=int, default=0, help="seed of paper-mode dropout")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of paper-mode dropout")
     p.add_argument("--max_images", type=_positive, default=None, help="evaluate the first N pairs only")
     p.add_argument("--crop_size", type=_positive, default=None, help="model input size (default: the checkpoint's)")
     p.add_argument("--no_dropout_at_inference", action="store_true", help="paper mode without dropout")
@@ -585,12 +659,13 @@ def add_subcommand(sub) -> None:
     p.add_argument("--lpips_weights", default=None,
                    help="local TorchScript LPIPS module: model(a, b) on [-1, 1] images -> one distance per image, "
                         'e.g. torch.jit.trace(lpips.LPIPS(net="alex").eval(), (x, x)).save(...); enables LPIPS')
+    _add_max_pixels(p)
     _add_arch(p)
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
-    from .cli import _arch_from
+    from .cli import _arch_from, check_arch_flags, check_crop_size, check_source_flags
     from .engines.runtime import TORCH_SUFFIXES
 
     if args.checkpoint is not None:
@@ -600,11 +675,14 @@ def cmd_eval(args) -> int:
                             ".plan files with --engine")
         if not ckpt.is_file():
             raise UserError(f"--checkpoint not found: {ckpt}")
+    check_source_flags(args)
+    check_arch_flags(args, args.checkpoint or args.engine, "--checkpoint" if args.checkpoint else "--engine")
+    check_crop_size(args.crop_size, args.max_pixels)
     r = evaluate(args.checkpoint or args.engine, args.data, out=args.out, direction=args.direction, mode=args.mode,
                  dropout=False if args.no_dropout_at_inference else None, model=_arch_from(args),
                  crop_size=args.crop_size, batch_size=args.batch_size, seed=args.seed, device=args.device,
                  fid_weights=args.fid_weights, lpips_weights=args.lpips_weights, max_images=args.max_images,
-                 quiet=True)
+                 quiet=True, overwrite=args.overwrite, max_pixels=args.max_pixels)
     if r["skipped"]:
         print(f"fastp2p: {skip_line(r['skipped'])}", file=sys.stderr)
     print(f"eval: {r['images']} image(s)  L1 {_fmt('L1', r['L1'])}  PSNR {_fmt('PSNR', r['PSNR'])} dB  "

@@ -25,8 +25,8 @@ def lr_factor(policy: str, epoch: int, n_epochs: int, n_epochs_decay: int, lr_de
     linear: constant for ``n_epochs``, then linear towards zero over ``n_epochs_decay`` (the reference's
     ``1 - max(0, epoch + epoch_count - n_epochs) / (n_epochs_decay + 1)`` with epoch_count = 1);
     step: x0.1 every ``lr_decay_iters`` epochs; cosine: CosineAnnealingLR(T_max=n_epochs, eta_min=0)."""
-    if policy == "linear":
-        return 1.0 - max(0, epoch + 1 - n_epochs) / float(n_epochs_decay + 1)
+    if policy == "linear":  # past the schedule (--max_steps longer than it) zero, not a negative lr (gradient ascent)
+        return max(0.0, 1.0 - max(0, epoch + 1 - n_epochs) / float(n_epochs_decay + 1))
     if policy == "step":
         return 0.1 ** (epoch // lr_decay_iters)
     if policy == "cosine":

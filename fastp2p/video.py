@@ -22,9 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from . import outputs
 from .errors import DataError, UserError
+from .images import check_frame_size, limit_of, too_many
 
 log = logging.getLogger(__name__)
+KIND = "translate"  # the container's comment tag marks an earlier output (``fastp2p.outputs``)
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv",
                             ".wmv"})
@@ -47,6 +50,18 @@ def _av():
 def video_codec() -> str:
     av = _av()
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
+
+
+def is_our_video(path) -> bool:
+    """An earlier ``translate_video`` output: its container's comment tag is ``fastp2p translate`` (mp4, mov, mkv,
+    webm and avi keep it; .ts / .mpg have no tags, so replacing one of those needs --overwrite)."""
+    av = _av()
+    try:
+        with av.open(str(path)) as c:
+            tags = {str(k).lower(): v for k, v in c.metadata.items()}
+    except Exception:  # noqa: BLE001 - anything PyAV cannot open is not ours
+        return False
+    return tags.get("comment") == outputs.marker(KIND)
 
 
 def _translator(checkpoint, engine, *, mode, device, model, **kw):
@@ -84,32 +99,46 @@ def _expected_frames(inp, vin, rate) -> int | None:
 
 def translate_video(in_path, out_path, *, checkpoint=None, engine=None, batch_size: int = 8, mode=None, device=None,
                     progress: bool = True, model=None, fit: str = "pad", max_latency_ms: float | None = None,
-                    translator=None, codec: str | None = None, crf: int = 18) -> Path:
+                    translator=None, codec: str | None = None, crf: int = 18, overwrite: bool = False,
+                    max_pixels: int | None = None) -> Path:
     """Translate the video ``in_path`` into ``out_path`` (a file, or a folder: ``<folder>/<stem>.mp4``).
 
     checkpoint / engine: exactly one (or an open ``translator``). mode: None -> eval for checkpoints (see
-    ``fastp2p.translator``). Returns the output path."""
+    ``fastp2p.translator``). An existing output is replaced only if an earlier one (``is_our_video``) or with
+    ``overwrite``; never the input. A frame size over ``max_pixels`` (default ``fastp2p.config.DEFAULT_MAX_PIXELS``)
+    is a ``DataError`` before anything is decoded. Returns the output path."""
     av = _av()
     in_path = Path(in_path)
     out_path = Path(out_path)
     if out_path.is_dir() or out_path.suffix.lower() not in VIDEO_SUFFIXES:
+        outputs.output_dir(out_path, "-o", inputs=[in_path])
         out_path = out_path / f"{in_path.stem}.mp4"
-    if out_path.resolve() == in_path.resolve():
-        raise UserError(f"-o {out_path}: would overwrite the input")
+    outputs.output_file(out_path, "-o", kind=KIND, ours=is_our_video, inputs=[in_path, checkpoint, engine],
+                        overwrite=overwrite)
     tr = translator or _translator(checkpoint, engine, mode=mode, device=device, model=model, fit=fit)
     inp = _open_input(av, in_path)
     vin = inp.streams.video[0]
     vin.thread_type = "AUTO"
     ain = inp.streams.audio[0] if inp.streams.audio else None
     W, H = vin.codec_context.width, vin.codec_context.height
+    limit = limit_of(max_pixels)
+    if W * H > limit:
+        inp.close()
+        raise too_many(in_path, W, H, limit)
     W2, H2 = W - W % 2, H - H % 2
     if W2 < 2 or H2 < 2:
         inp.close()
         raise DataError(in_path, f"video is {W}x{H}; too small to encode")
     rate = vin.average_rate or vin.guessed_rate or Fraction(25)
     total = vin.frames or None
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out = av.open(str(out_path), "w")
+    try:
+        with outputs.writing(out_path, "-o"):
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out = av.open(str(out_path), "w")
+    except UserError:
+        inp.close()
+        raise
+    out.metadata["comment"] = outputs.marker(KIND)
     name = codec or video_codec()
     vout = out.add_stream(name, rate=rate)
     vout.width, vout.height, vout.pix_fmt = W2, H2, "yuv420p"
@@ -199,14 +228,16 @@ def translate_video(in_path, out_path, *, checkpoint=None, engine=None, batch_si
 
 # ---- raw-frame pipe ------------------------------------------------------------------------------------------------
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'WxH' -> (W, H), both positive; else a ``UserError`` naming --size."""
+def parse_size(text: str, max_pixels: int | None = None) -> tuple[int, int]:
+    """'WxH' -> (W, H), both positive and W x H at most ``max_pixels`` (default ``DEFAULT_MAX_PIXELS``: a frame
+    buffer is allocated from it); else a ``UserError`` naming --size."""
     m = re.fullmatch(r"\s*(\d+)\s*[xX:]\s*(\d+)\s*", str(text))
     if not m:
         raise UserError(f"--size {text!r}: expected WIDTHxHEIGHT, e.g. --size 640x360")
     w, h = int(m.group(1)), int(m.group(2))
     if w < 1 or h < 1:
         raise UserError(f"--size {text}: width and height must be positive")
+    check_frame_size(w, h, max_pixels, f"--size {text}")
     return w, h
 
 
@@ -286,12 +317,13 @@ def add_video_subcommands(sub) -> None:
     src.add_argument("--checkpoint", help="fastp2p .safetensors or reference latest_net_G.pth")
     src.add_argument("--engine", help="an exported G.onnx (ONNX Runtime) or G.plan (TensorRT)")
     p.add_argument("--batch_size", type=core._positive, default=4)
-    p.add_argument("--max_latency_ms", type=float, default=100.0,
-                   help="send a partial batch after this long without a full one (default 100)")
+    p.add_argument("--max_latency_ms", type=core._number(0.0), default=100.0,
+                   help="send a partial batch after this long without a full one (>= 0; default 100)")
     p.add_argument("--mode", choices=("paper", "eval"), default=None,
                    help="default eval for checkpoints (running stats, no dropout: temporally stable)")
     p.add_argument("--fit", choices=("pad", "resize"), default="pad")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    core._add_max_pixels(p)
     core._add_arch(p)
     p.set_defaults(func=cmd_pipe)
 
@@ -299,7 +331,9 @@ def add_video_subcommands(sub) -> None:
 def cmd_pipe(args) -> int:
     from . import cli as core
 
-    w, h = parse_size(args.size)
+    w, h = parse_size(args.size, args.max_pixels)
+    core.check_source_flags(args)
+    core.check_arch_flags(args, args.checkpoint or args.engine, "--checkpoint" if args.checkpoint else "--engine")
     model = core._arch_from(args) if args.checkpoint else None
     tr = _translator(args.checkpoint, args.engine, mode=args.mode, device=args.device, model=model, fit=args.fit)
     n = run_pipe(tr, w, h, batch_size=args.batch_size, max_latency_ms=args.max_latency_ms)

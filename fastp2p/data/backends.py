@@ -16,6 +16,7 @@ in device memory, which only the user can judge (facades: 400 pairs x 256x512x3 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 
 import torch
@@ -26,11 +27,34 @@ from .datasets import PairDataset, TwoFolderDataset
 from .loader import EpochSampler
 
 LOADERS = ("dali", "torch", "gpu-cache")
+log = logging.getLogger("fastp2p.data")
 DALI_INSTALL = 'pip install -c constraints-cpu.txt -e ".[dali]" (or: pip install nvidia-dali-cuda130)'
 
 
 def dali_available() -> bool:
     return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+
+
+def dali_load_error() -> str | None:
+    """Why DALI, though installed, cannot be imported here (its wheel loads CUDA libraries at import, e.g.
+    ``ImportError: libcudart.so.13: cannot open shared object file``), as one line; None when it imports."""
+    try:
+        import nvidia.dali.fn  # noqa: F401
+        import nvidia.dali.pipeline  # noqa: F401
+    except (ImportError, OSError) as e:  # missing or mismatched CUDA runtime, a broken install
+        return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    return None
+
+
+def require_dali() -> None:
+    """``UserError`` naming --loader dali when DALI is not installed or cannot be loaded (checked before any work)."""
+    if not dali_available():
+        raise UserError(f"--loader dali: NVIDIA DALI is not installed; install it with {DALI_INSTALL}, "
+                        f"or use --loader torch")
+    why = dali_load_error()
+    if why is not None:
+        raise UserError(f"--loader dali: NVIDIA DALI is installed but could not be loaded ({why}); use --loader "
+                        "torch, or install the DALI build for this machine's CUDA")
 
 
 def file_backed(dataset: PairDataset) -> bool:
@@ -44,14 +68,15 @@ def resolve_loader(name: str | None, device: torch.device, dataset: PairDataset 
     """The backend ``--loader name`` means on ``device`` (``None``: auto, see the module docstring)."""
     if name is None:
         if device.type == "cuda" and dali_available() and (dataset is None or file_backed(dataset)):
-            return "dali"
+            why = dali_load_error()
+            if why is None:
+                return "dali"
+            log.warning("NVIDIA DALI is installed but could not be loaded (%s); using --loader torch", why)
         return "torch"
     if name not in LOADERS:
         raise UserError(f"--loader: unknown loader {name!r}; choose one of {', '.join(LOADERS)}")
     if name == "dali":
-        if not dali_available():
-            raise UserError(f"--loader dali: NVIDIA DALI is not installed; install it with {DALI_INSTALL}, "
-                            f"or use --loader torch")
+        require_dali()
         if dataset is not None and not file_backed(dataset):
             raise UserError("--loader dali: the built-in synthetic dataset has no image files for DALI to read; "
                             "pass --data, or use --loader torch / gpu-cache")

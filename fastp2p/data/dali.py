@@ -167,7 +167,7 @@ class DaliLoader(EpochLoader):
 
     def _size(self, j: int) -> tuple[int, int]:
         if j not in self._sizes:
-            w, h = probe_size(self.dataset.paths[j])
+            w, h = probe_size(self.dataset.paths[j], self.dataset.cfg.max_pixels)
             self._sizes[j] = (w, h) if self.folders else (w // 2, h)
         return self._sizes[j]
 
@@ -287,7 +287,7 @@ class DaliLoader(EpochLoader):
         for _, j in dict.fromkeys(window):
             for path in (self.dataset.pairs[j] if self.folders else (self.dataset.paths[j],)):
                 try:
-                    load_rgb(path)
+                    load_rgb(path, self.dataset.cfg.max_pixels)
                 except DataError as e:
                     found.append((j, e))
                     break

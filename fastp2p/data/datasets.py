@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 
 from ..config import DataConfig
 from ..errors import DataError, UserError
+from ..images import open_image
 from .transforms import apply, check_preprocess, get_params
 
 log = logging.getLogger("fastp2p.data")
@@ -53,7 +54,8 @@ DIRECTIONS = ("AtoB", "BtoA")
 
 # What PIL raises on bad files: OSError (incl. UnidentifiedImageError, "image file is truncated"), SyntaxError (broken
 # PNG chunks), ValueError/EOFError/IndexError/struct.error/zlib.error from decoders on malformed data, and
-# DecompressionBombError for absurd sizes. Anything else is a bug and propagates.
+# DecompressionBombError for absurd sizes (``open_image`` turns those into a DataError naming --max_pixels first).
+# Anything else is a bug and propagates.
 DECODE_ERRORS: tuple[type[BaseException], ...] = (
     OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error, Image.DecompressionBombError,
 )
@@ -89,11 +91,14 @@ def find_images(folder: Path) -> list[Path]:
     return sorted(files, key=str)
 
 
-def probe_size(path: Path) -> tuple[int, int]:
-    """(w, h) from the image header only (no pixel decoding); ``DataError`` when PIL cannot identify the file."""
+def probe_size(path: Path, max_pixels: int | None = None) -> tuple[int, int]:
+    """(w, h) from the image header only (no pixel decoding); ``DataError`` when PIL cannot identify the file or it
+    claims more than ``max_pixels`` (default ``DEFAULT_MAX_PIXELS``, see ``fastp2p.images``)."""
     try:
-        with Image.open(path) as im:
+        with open_image(path, max_pixels) as im:
             w, h = im.size
+    except DataError:
+        raise
     except DECODE_ERRORS as e:
         raise DataError(path, f"not a readable image ({_one_line(e)})") from e
     if w < 1 or h < 1:
@@ -101,13 +106,16 @@ def probe_size(path: Path) -> tuple[int, int]:
     return w, h
 
 
-def load_rgb(path: str | Path) -> Image.Image:
+def load_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     """Decode fully and convert to RGB (the reference's ``Image.open(p).convert('RGB')``); ``DataError`` on any
-    decoding problem. ``load()`` forces the decode here so truncation is caught here, not inside a later transform."""
+    decoding problem or a size over ``max_pixels``. ``load()`` forces the decode here so truncation is caught here,
+    not inside a later transform."""
     try:
-        with Image.open(path) as im:
+        with open_image(path, max_pixels) as im:
             im.load()
             return im.convert("RGB")
+    except DataError:
+        raise
     except DECODE_ERRORS as e:
         raise DataError(path, f"cannot decode image ({_one_line(e)})") from e
 
@@ -223,7 +231,7 @@ class AlignedDataset(PairDataset):
             raise DataError(self.root, f"no images ({', '.join(IMG_EXTENSIONS)}) found")
         for p in files:
             try:
-                w, _ = probe_size(p)
+                w, _ = probe_size(p, cfg.max_pixels)
                 if w % 2:
                     raise DataError(p, f"odd width {w}: an aligned pair must be two equal halves (A|B) side by side")
             except DataError as e:
@@ -234,7 +242,7 @@ class AlignedDataset(PairDataset):
 
     def _load(self, j: int) -> tuple[Image.Image, Image.Image]:
         path = self.paths[j]
-        ab = load_rgb(path)
+        ab = load_rgb(path, self.cfg.max_pixels)
         w, h = ab.size
         if w % 2:  # the file changed since it was probed
             raise DataError(path, f"odd width {w}: an aligned pair must be two equal halves (A|B) side by side")
@@ -264,7 +272,7 @@ class TwoFolderDataset(PairDataset):
             try:
                 if pb is None:
                     raise DataError(pa, f"no counterpart in {dir_b} (expected {key}{{{','.join(IMG_EXTENSIONS)}}})")
-                sa, sb = probe_size(pa), probe_size(pb)
+                sa, sb = probe_size(pa, cfg.max_pixels), probe_size(pb, cfg.max_pixels)
                 if sa != sb:
                     raise DataError(pa, f"size {sa[0]}x{sa[1]} differs from its counterpart {pb} ({sb[0]}x{sb[1]})")
             except DataError as e:
@@ -292,7 +300,7 @@ class TwoFolderDataset(PairDataset):
 
     def _load(self, j: int) -> tuple[Image.Image, Image.Image]:
         pa, pb = self.pairs[j]
-        a, b = load_rgb(pa), load_rgb(pb)
+        a, b = load_rgb(pa, self.cfg.max_pixels), load_rgb(pb, self.cfg.max_pixels)
         if a.size != b.size:
             raise DataError(pa, f"size {a.size[0]}x{a.size[1]} differs from its counterpart {pb} "
                                 f"({b.size[0]}x{b.size[1]})")

@@ -11,6 +11,18 @@ from torch import nn
 from .norms import make_norm, uses_bias
 
 
+def n_layers_problem(size: int, n_layers: int) -> str | None:
+    """Why ``NLayerDiscriminator(n_layers)`` cannot take ``size`` x ``size`` inputs (None when it can): its 4x4 convs
+    (pad 1) are stride 2 on the first ``n_layers`` levels (floor(s / 2)) and stride 1 on the last two (s - 1), so the
+    logits are ``size // 2**n_layers - 2`` wide and need at least 1 (a conv larger than its input fails earlier)."""
+    if size // 2 ** n_layers - 2 >= 1:
+        return None
+    most = max((n for n in range(1, 31) if size // 2 ** n - 2 >= 1), default=0)
+    fix = f"use --n_layers_D {most} or fewer" if most else "use a larger --crop_size"
+    return (f"--n_layers_D {n_layers}: a {size}x{size} input (--crop_size) shrinks to nothing after {n_layers} "
+            f"stride-2 levels of the PatchGAN (it needs --crop_size >= {3 * 2 ** n_layers}); {fix}")
+
+
 class NLayerDiscriminator(nn.Module):
     """``n_layers`` = 3 gives the 70x70 PatchGAN: 30x30 logits for a 256x256 input."""
 

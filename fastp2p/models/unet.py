@@ -24,6 +24,24 @@ from .norms import make_norm, uses_bias
 NUM_DOWNS = {"unet_128": 7, "unet_256": 8}
 
 
+def size_problem(size: int, num_downs: int, flag: str = "--crop_size") -> str | None:
+    """Why the U-Net cannot take ``size`` x ``size`` inputs (None when it can), naming ``flag`` and the sizes it takes.
+
+    Each down level is a 4x4 stride-2 conv (pad 1: floor(s / 2)) and each up level a stride-2 transposed conv
+    (exactly 2s), and level i's skip is concatenated with the up path coming back to it, so every level's size must
+    halve exactly and the innermost must be at least 1x1: the sizes that work are the positive multiples of
+    2**num_downs (unet_256: 256, 512, 768, ...; unet_128: 128, 256, 384, ...). Anything else fails inside the net
+    (a concat size mismatch, a batch norm over 1x1, or a conv larger than its input)."""
+    m = 2 ** num_downs
+    if size >= m and size % m == 0:
+        return None
+    name = {v: k for k, v in NUM_DOWNS.items()}.get(num_downs, f"a {num_downs}-level U-Net")
+    below, above = (size // m) * m, (size // m + 1) * m
+    nearest = f"{below} or {above}" if below else f"{above}"
+    return (f"{flag} {size}: --netG {name} ({num_downs} stride-2 levels) takes a multiple of {m} only ({m}, {2 * m}, "
+            f"{3 * m}, ...); use {flag} {nearest}")
+
+
 class UnetGenerator(nn.Module):
     def __init__(
         self,
