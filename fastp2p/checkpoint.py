@@ -287,6 +287,10 @@ def load_reference_pth(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save's zip archive, or the legacy pickle format
+        raise UserError(f"{path}: not a torch .pth file (expected the reference's latest_net_G.pth)")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -328,7 +332,7 @@ def load_generator(path: str | Path, model: ModelConfig | None = None):
     """(G, Config or None) from a fastp2p ``.safetensors`` checkpoint or a reference ``.pth`` (then ``model`` describes
     the architecture, defaulting to the reference's unet_256 / batch / dropout on)."""
     path = Path(path)
-    if path.suffix == ".pth" or path.suffix == ".pt":
+    if path.suffix.lower() in (".pth", ".pt"):
         return generator_from_reference(load_reference_pth(path), model or ModelConfig(), str(path)), None
     meta, tensors = load(path)
     cfg = Config.from_dict(meta["config"])

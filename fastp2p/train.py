@@ -289,6 +289,15 @@ def fit(cfg: Config, progress: bool = True) -> dict:
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise UserError(f"--data: no pairs to train on in {cfg.data.data}")
+    if cfg.data.preprocess == "none":  # images keep their own size, which only the data can tell: check the first
+        from .models.unet import size_problem
+
+        first, m = dataset[0], 2 ** trainer.G.num_downs
+        h, w = first.A.shape[-2:]
+        if any(size_problem(int(side), trainer.G.num_downs) for side in (h, w)):
+            raise UserError(f"{first.path}: a {w}x{h} image, but with --preprocess none --netG {cfg.model.netG} "
+                            f"takes sides that are multiples of {m} only ({m}, {2 * m}, ...); resize the images or "
+                            "use another --preprocess")
     total = total_steps(cfg, steps_per_epoch)
     trainer.steps_per_epoch = steps_per_epoch
     if cfg.train.resume:

@@ -90,6 +90,7 @@ def env(tmp_path_factory) -> Path:
     (e / "clip.mp4").write_text("not a video")
     (e / "fake.onnx").write_text("not onnx")
     torch.save([1, 2, 3], e / "list.pth")
+    (e / "text.pth").write_text("not a torch file")
     meta = good_meta()
     tiny_onnx(e / "G.onnx", meta)
     tiny_onnx(e / "badjson.onnx", {**meta, "fastp2p.arch": "{not json"})
@@ -224,6 +225,8 @@ CASES = [
                                          "{o}"], ["--checkpoint", "folder.safetensors", "folder"]),
     ("translate/.pth not a state dict", ["translate", "--checkpoint", "{e}/list.pth", "{e}/good", "-o", "{o}"],
      ["list.pth"]),
+    ("convert/.pth not a torch file", ["convert", "{e}/text.pth", "-o", "{o}/x.safetensors"],
+     ["text.pth", "not a torch .pth file"]),
     ("translate/--netG contradicts the checkpoint", ["translate", "--checkpoint", "{e}/G.safetensors", "{e}/good",
                                                      "-o", "{o}", "--netG", "unet_256"], ["--netG unet_256"]),
     ("translate/--crop_size 100", ["translate", "--checkpoint", "{e}/G.safetensors", "{e}/good", "-o", "{o}",
@@ -363,3 +366,15 @@ def test_closed_stdout_exits_quietly(env):
         os.close(w)
     assert p.returncode == 141, p.stderr
     assert p.stderr.strip() == "", p.stderr
+
+
+def test_preprocess_none_with_sizes_the_unet_cannot_take(tmp_path, capsys):
+    """--preprocess none keeps each image's size, which only the data tells: checked on the first pair in fit."""
+    data = tmp_path / "pairs"
+    data.mkdir()
+    Image.fromarray(np.zeros((100, 200, 3), dtype=np.uint8)).save(data / "p.png")  # A|B halves of 100 x 100
+    code = main(["train", "--preset", "debug", "--data", str(data), "--preprocess", "none", "--num_workers", "0",
+                 "--max_steps", "1", "--out", str(tmp_path / "runs"), "--no_progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert "p.png" in err[0] and "100x100" in err[0] and "--preprocess none" in err[0] and "multiples of 128" in err[0]
