@@ -2,8 +2,9 @@
 synthetic) and a deterministic multi-worker loader. See datasets.py for the item contract, loader.py for batches."""
 
 from .backends import make_train_loader
-from .datasets import AlignedDataset, Pair, PairDataset, TwoFolderDataset, build_dataset
+from .datasets import AlignedDataset, Pair, PairDataset, TwoFolderDataset
 from .loader import Batch, PairLoader, collate, make_loader
+from .sources import build_dataset
 from .synthetic import SyntheticDataset
 from .transforms import apply, get_params
 

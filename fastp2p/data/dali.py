@@ -11,7 +11,7 @@ Graph (one pipeline per epoch, see "Epochs"):
     fn.external_source: per-sample (resize h, w, crop y, x, h, w, flip), ONE vector per pair feeding both halves.
 
 The per-pair numbers come from the torch path's own ``get_params`` draw (``random.Random(derive_seed(seed, epoch,
-index))``) through ``backends.item_plan``, so for a (seed, epoch) this loader yields the same pairs, crops and flips as
+index))``) through ``plan.item_plan``, so for a (seed, epoch) this loader yields the same pairs, crops and flips as
 ``make_loader``, batch for batch; pixels differ only by the resampler (DALI's cubic vs PIL's bicubic: at most a few
 uint8 levels, see tests/test_dali.py). Crop and flip are not drawn with DALI's random operators on purpose: a draw
 from (seed, epoch, index) makes ``--resume`` exact and the backends interchangeable.
@@ -25,7 +25,7 @@ graph; bf16 (which DALI does not produce) is one conversion from fp32.
 step, and ``.clone()`` anything kept longer. (With DALI's default dynamic executor the DLPack view keeps the buffer
 alive, but that is DALI's implementation, not this contract.) ``fastp2p.train.fit`` keeps no batch across steps.
 
-Epochs. The shard's pairs of epoch ``e`` are ``backends.epoch_slice`` (the torch loader's order; with several shards
+Epochs. The shard's pairs of epoch ``e`` are ``plan.epoch_slice`` (the torch loader's order; with several shards
 each gets ``ceil(n / num_shards)`` pairs). ``len(loader)`` = ``ceil(pairs / batch_size)``; the last batch is partial
 (the reader pads it by repeating its last sample, and the padding is cut off here), unless ``drop_last``, where
 ``floor`` batches are yielded and the remainder is not read. A fresh pipeline is built per epoch (a few ms on a CPU),
@@ -51,9 +51,9 @@ import numpy as np
 import torch
 
 from ..errors import DataError, UserError
-from .backends import batches_per_epoch, epoch_slice, item_plan, next_good
 from .datasets import BadFile, PairDataset, TwoFolderDataset, derive_seed, load_rgb, probe_size
 from .loader import Batch, EpochLoader
+from .plan import batches_per_epoch, epoch_slice, item_plan, next_good
 from .transforms import get_params
 
 log = logging.getLogger("fastp2p.data")
@@ -93,7 +93,7 @@ class DaliLoader(EpochLoader):
                  num_threads: int = 2, shard_id: int = 0, num_shards: int = 1, drop_last: bool = False,
                  shuffle: bool = True, dtype: torch.dtype = torch.float32, channels_last: bool = True,
                  prefetch: int = 2):
-        from .backends import file_backed
+        from .plan import file_backed
 
         if batch_size < 1:
             raise UserError(f"--batch_size must be >= 1 (got {batch_size})")

@@ -328,18 +328,3 @@ def resolve_root(cfg: DataConfig) -> tuple[Path, str]:
     if layout == "auto":
         layout = "folders" if (root / "A").is_dir() and (root / "B").is_dir() else "aligned"
     return root, layout
-
-
-def build_dataset(cfg: DataConfig, input_nc: int = 3, output_nc: int = 3, seed: int = 0) -> PairDataset:
-    """The dataset ``cfg`` describes: the built-in synthetic pairs when ``cfg.data`` is None, else an aligned or
-    two-folder dataset (see ``resolve_root``). ``seed`` drives the per-item jitter (see the module docstring)."""
-    check_data_config(cfg, input_nc, output_nc)
-    if cfg.data is None:
-        from .synthetic import SyntheticDataset  # imported here: synthetic.py builds on PairDataset from this module
-
-        return SyntheticDataset(cfg, input_nc, output_nc, seed)
-    root, layout = resolve_root(cfg)
-    if layout == "folders":
-        return TwoFolderDataset(root, cfg, input_nc, output_nc, seed)
-    return AlignedDataset(root, cfg, input_nc, output_nc, seed)
-

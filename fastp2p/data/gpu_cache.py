@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError, UserError
-from .backends import batches_per_epoch, epoch_slice, item_plan, next_good
 from .datasets import BadFile, PairDataset, derive_seed
 from .loader import Batch, EpochLoader
+from .plan import batches_per_epoch, epoch_slice, item_plan, next_good
 from .transforms import get_params
 
 
