@@ -1,6 +1,6 @@
 """``fastp2p bench {train,infer,data,kernels,all}``: a thin CLI over ``fastp2p.bench.ladder``.
 
-Wire it into the main CLI with ``add_bench_subcommand(sub)`` (``sub`` = the subparsers object); standalone:
+``fastp2p bench`` (fastp2p/cli/bench.py) adds it with ``add_bench_subcommand(sub)``; standalone:
 ``python -m fastp2p.bench.cli train --quick``.
 """
 
@@ -11,9 +11,9 @@ import sys
 
 
 def _positive(v: str) -> int:
-    from fastp2p.cli import _positive as positive  # here: fastp2p.cli imports this module
-
-    return positive(v)
+    if not v.isdigit() or int(v) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v!r}")
+    return int(v)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -72,7 +72,7 @@ class TrainConfig:
     sample_every: int = 500
     save_every: int = 1000
     resume: bool = False
-    eval_every: int | None = None  # score G on a validation split every N steps (fastp2p.evaluate.TrainEval)
+    eval_every: int | None = None  # score G on a validation split every N steps (fastp2p.scoring.TrainEval)
     eval_data: str | None = None  # None: the val/ split beside --data (the synthetic val phase without --data)
     eval_max_images: int = 50  # pairs per evaluation: keeps it cheap
 

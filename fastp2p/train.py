@@ -306,8 +306,8 @@ def fit(cfg: Config, progress: bool = True) -> dict:
         trainer.step = distributed.resume_step(trainer.step, trainer.epoch, trainer.saved_layout, steps_per_epoch,
                                                cfg.train.batch_size * dctx.world_size)
         distributed.seed_rank(cfg.train.seed, dctx.rank, trainer.step)
-    # --eval_every: validation scores into metrics.jsonl, on the main process only (fastp2p.evaluate.TrainEval)
-    from .evaluate import TrainEval
+    # --eval_every: validation scores into metrics.jsonl, on the main process only (fastp2p.scoring.TrainEval)
+    from .scoring import TrainEval
 
     evaluator = TrainEval.from_config(cfg) if dctx.is_main else None
     if dctx.is_main:  # logs the ranks' mean losses and the img/s of all ranks together

@@ -1,4 +1,4 @@
-"""``fastp2p export`` and ``fastp2p build-engine``: ``add_subcommands(subparsers)`` adds both to the main parser.
+"""``fastp2p export`` and ``fastp2p build-engine``: ``add_parsers(subparsers)`` adds both to the main parser.
 
     fastp2p export CKPT -o G.onnx [--mode paper|eval] [--precision fp32|fp16|bf16] [--dynamic] [--opset N]
     fastp2p build-engine CKPT|G.onnx -o G.plan [--backend tensorrt|onnxruntime] [--precision fp16|bf16|fp32]
@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fastp2p.errors import UserError
+from ..errors import UserError
+from .args import add_arch, add_overwrite, arch_from, check_arch_flags, check_crop_size, positive
 
 
 def _add_export_flags(p: argparse.ArgumentParser, *, precision_default: str | None) -> None:
-    from fastp2p import cli as core  # imported here: fastp2p.cli imports this module
-
     p.add_argument("--mode", choices=("paper", "eval"), default="paper",
                    help="paper: per-image statistics (instance-norm arithmetic with the batch-norm affine); "
                         "eval: running statistics folded into the convolutions, no dropout")
@@ -33,25 +32,23 @@ def _add_export_flags(p: argparse.ArgumentParser, *, precision_default: str | No
     p.add_argument("--dynamic", action="store_true",
                    help="dynamic height and width (multiples of 2^num_downs); the batch is always dynamic")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 22 for bf16; at least 17)")
-    p.add_argument("--crop_size", type=core._positive, default=None,
+    p.add_argument("--crop_size", type=positive, default=None,
                    help="model input size (default: the checkpoint's; 256 for a reference .pth)")
     p.add_argument("--direction", choices=("AtoB", "BtoA"), default=None,
                    help="recorded in the metadata (default: the checkpoint's, else AtoB)")
     p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
                    help="torch.onnx exporter (auto: dynamo when onnxscript is installed)")
-    core._add_arch(p)
+    add_arch(p)
 
 
-def add_subcommands(sub) -> None:
+def add_parsers(sub) -> None:
     """Add ``export`` and ``build-engine`` to the ``fastp2p`` subparsers."""
-    from fastp2p import cli as core
-
     p = sub.add_parser("export", help="export the generator to ONNX",
                        description="Export the generator of a fastp2p checkpoint or a reference .pth to ONNX, in an "
                                    "explicit inference mode.")
     p.add_argument("src", metavar="CHECKPOINT", help="fastp2p .safetensors or reference latest_net_G.pth")
     p.add_argument("-o", "--out", required=True, help="output .onnx")
-    _add_overwrite(p, "ONNX files fastp2p exported")
+    add_overwrite(p, "ONNX files fastp2p exported")
     _add_export_flags(p, precision_default="fp32")
     p.set_defaults(func=cmd_export)
 
@@ -66,60 +63,46 @@ def add_subcommands(sub) -> None:
                    help="TensorRT profile sizes MIN,OPT,MAX for a --dynamic export (default size_multiple,crop,crop)")
     p.add_argument("--opt_level", type=int, choices=range(6), default=3, metavar="0-5",
                    help="TensorRT builder optimization level (default 3)")
-    p.add_argument("--workspace", type=core._positive, default=4096,
+    p.add_argument("--workspace", type=positive, default=4096,
                    help="TensorRT workspace limit in MiB (default 4096)")
     p.add_argument("--timing_cache", default=None,
                    help="persistent TensorRT timing cache file (default ~/.cache/fastp2p/tensorrt/timing.cache)")
     p.add_argument("--tf32", action="store_true", help="let TensorRT use TF32 for fp32 layers")
     p.add_argument("--onnx", default=None,
                    help="where to write the intermediate ONNX of a checkpoint (default: -o with suffix .onnx)")
-    _add_overwrite(p, "files of an earlier build (a plan with its .plan.json sidecar, fastp2p ONNX files)")
+    add_overwrite(p, "files of an earlier build (a plan with its .plan.json sidecar, fastp2p ONNX files)")
     _add_export_flags(p, precision_default=None)
     p.set_defaults(func=cmd_build_engine, mode=None)  # None: paper for a checkpoint; an .onnx keeps its own
-
-
-def _add_overwrite(p: argparse.ArgumentParser, ours: str) -> None:
-    from fastp2p import cli as core
-
-    core._add_overwrite(p, ours)
 
 
 def _check_outputs(args, src: Path, onnx_path: Path, out: Path) -> None:
     """Every file build-engine writes, checked before the first one is written (``fastp2p.outputs``); needs no
     TensorRT."""
     if args.backend == "tensorrt":
-        from .tensorrt import check_plan_output
+        from ..engines.tensorrt import check_plan_output
 
         check_plan_output(out, inputs=[src, onnx_path], overwrite=args.overwrite, timing_cache=args.timing_cache)
     else:
-        from .onnxruntime import check_optimized_output
+        from ..engines.onnxruntime import check_optimized_output
 
         check_optimized_output(onnx_path, out, overwrite=args.overwrite)
     if onnx_path != src:
-        from .onnx import check_onnx_output
+        from ..engines.onnx import check_onnx_output
 
         check_onnx_output(onnx_path, "--onnx" if args.onnx else "-o", inputs=[src], overwrite=args.overwrite)
 
 
-def _arch(args):
-    from fastp2p import cli as core
-
-    return core._arch_from(args)
-
-
 def _export_kwargs(args, precision: str) -> dict:
     return {"mode": args.mode, "dropout": bool(args.paper_dropout), "precision": precision, "dynamic": args.dynamic,
-            "opset": args.opset, "model": _arch(args), "direction": args.direction, "crop_size": args.crop_size,
+            "opset": args.opset, "model": arch_from(args), "direction": args.direction, "crop_size": args.crop_size,
             "exporter": args.exporter}
 
 
 def _check_mode_flags(args) -> None:
-    from fastp2p import cli as core
-
     if args.mode == "eval" and args.paper_dropout:
         raise UserError("--paper_dropout: eval mode has no dropout; use --mode paper")
-    core.check_arch_flags(args, args.src, "CHECKPOINT")
-    core.check_crop_size(args.crop_size)
+    check_arch_flags(args, args.src, "CHECKPOINT")
+    check_crop_size(args.crop_size)
 
 
 def _check_onnx_source(args, src: Path, meta: dict) -> None:
@@ -148,7 +131,7 @@ def _check_onnx_source(args, src: Path, meta: dict) -> None:
 
 
 def cmd_export(args) -> int:
-    from .onnx import export_onnx
+    from ..engines.onnx import export_onnx
 
     _check_mode_flags(args)
     out = export_onnx(args.src, args.out, **_export_kwargs(args, args.precision), overwrite=args.overwrite)
@@ -158,8 +141,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_build_engine(args) -> int:
-    from .onnx import read_onnx_meta
-    from .tensorrt import parse_triple
+    from ..engines.onnx import read_onnx_meta
+    from ..engines.tensorrt import parse_triple
 
     _check_mode_flags(args)
     src, out = Path(args.src), Path(args.out)
@@ -173,7 +156,7 @@ def cmd_build_engine(args) -> int:
     hw = parse_triple(args.hw, "--hw") if args.hw else None
     from_onnx = src.suffix == ".onnx"
     if args.backend == "tensorrt":
-        from .runtime import TRT_SUFFIXES
+        from ..engines.runtime import TRT_SUFFIXES
 
         if out.suffix not in TRT_SUFFIXES:
             raise UserError(f"-o {out}: a TensorRT engine is written as *.plan")
@@ -190,7 +173,7 @@ def cmd_build_engine(args) -> int:
         onnx_path = src
         _check_outputs(args, src, onnx_path, out)
     else:
-        from .onnx import export_onnx
+        from ..engines.onnx import export_onnx
 
         args.mode = args.mode or "paper"
         precision = args.precision or ("fp16" if args.backend == "tensorrt" else "fp32")
@@ -205,13 +188,13 @@ def cmd_build_engine(args) -> int:
         print(f"wrote {onnx_path} ({args.mode} mode, {precision})")
 
     if args.backend == "onnxruntime":
-        from .onnxruntime import optimize_onnx
+        from ..engines.onnxruntime import optimize_onnx
 
         optimize_onnx(onnx_path, out, overwrite=args.overwrite)
         print(f"wrote {out} and {out}.json (ONNX Runtime optimized graph)")
         return 0
 
-    from . import tensorrt as engine_trt
+    from ..engines import tensorrt as engine_trt
 
     shapes = engine_trt.profile_shapes(read_onnx_meta(onnx_path), batch, hw)
     ok, why = engine_trt.tensorrt_available()

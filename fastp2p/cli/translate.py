@@ -1,0 +1,117 @@
+"""``fastp2p translate`` (image files, folders, a video file) and ``fastp2p pipe`` (raw RGB24 frames on stdin)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import UserError
+from .args import (
+    add_arch,
+    add_max_pixels,
+    add_overwrite,
+    arch_from,
+    bounded_float,
+    check_arch_flags,
+    check_crop_size,
+    check_source_flags,
+    positive,
+    seed_int,
+)
+
+log = logging.getLogger("fastp2p.video")
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("translate", help="translate images with a trained generator")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files or folders, or one video file (.mp4 .mov .mkv .avi .webm ...: PyAV)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="fastp2p .safetensors or reference latest_net_G.pth")
+    src.add_argument("--engine", help="an exported G.onnx (ONNX Runtime) or G.plan (TensorRT), see `fastp2p export`")
+    p.add_argument("-o", "--out", required=True,
+                   help="output folder (one PNG per input, named after its stem; two inputs with one stem are "
+                        "refused), or the output video file; never an input or an input folder")
+    add_overwrite(p, "earlier translate outputs (PNGs / a video fastp2p wrote)")
+    p.add_argument("--mode", choices=("paper", "eval"), default=None,
+                   help="paper (default for checkpoints): per-image statistics + dropout, as the reference's test.py; "
+                        "eval: running stats, no dropout. An --engine has its mode baked in")
+    p.add_argument("--direction", choices=("AtoB", "BtoA"), default=None,
+                   help="which half of an aligned A|B input is the source (default: the checkpoint's, else AtoB)")
+    p.add_argument("--layout", choices=("auto", "aligned", "single"), default="auto",
+                   help="aligned: inputs are A|B pairs; single: plain images; auto: aligned when width == 2 x height")
+    p.add_argument("--batch_size", type=positive, default=None, help="default: 1 for images, 8 for a video")
+    p.add_argument("--crop_size", type=positive, default=None, help="model input size (default: the checkpoint's)")
+    p.add_argument("--no_dropout_at_inference", action="store_true", help="paper mode without dropout")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cpu (cuda for a TensorRT plan)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of paper-mode dropout")
+    p.add_argument("--kernels", choices=("triton", "torch"), default=None,
+                   help="fused Triton norm+activation kernels (checkpoints; default: triton with CUDA, else torch)")
+    add_max_pixels(p)
+    add_arch(p)
+    p.set_defaults(func=cmd_translate)
+
+
+def cmd_translate(args) -> int:
+    from ..translate import translate_paths
+    from ..video import is_video_path, translate_video
+
+    check_source_flags(args)
+    check_arch_flags(args, args.checkpoint or args.engine, "--checkpoint" if args.checkpoint else "--engine")
+    check_crop_size(args.crop_size, args.max_pixels)
+    if len(args.inputs) == 1 and is_video_path(Path(args.inputs[0])):
+        # Frames run whole at their own size (padded to the U-Net's multiple): these flags would be silently ignored
+        unused = [f for f, on in (("--crop_size", args.crop_size is not None), ("--direction", args.direction),
+                                  ("--layout", args.layout != "auto"), ("--seed", args.seed != 0),
+                                  ("--no_dropout_at_inference", args.no_dropout_at_inference),
+                                  ("--kernels", args.kernels)) if on]
+        if unused:
+            raise UserError(f"{unused[0]}: not used for a video (frames are translated whole, at their own size, "
+                            f"in --mode eval unless told); leave {' '.join(unused)} out")
+        out = translate_video(args.inputs[0], args.out, checkpoint=args.checkpoint, engine=args.engine,
+                              batch_size=args.batch_size or 8, mode=args.mode, device=args.device,
+                              model=arch_from(args), overwrite=args.overwrite, max_pixels=args.max_pixels)
+        print(f"wrote {out}")
+        return 0
+
+    written = translate_paths(args.inputs, args.checkpoint, args.out, mode=args.mode, direction=args.direction,
+                              layout=args.layout, batch_size=args.batch_size or 1, crop_size=args.crop_size,
+                              model=arch_from(args), dropout=False if args.no_dropout_at_inference else None,
+                              device=args.device, seed=args.seed, engine=args.engine, kernels=args.kernels,
+                              overwrite=args.overwrite, max_pixels=args.max_pixels)
+    print(f"wrote {len(written)} image(s) to {args.out}")
+    return 0
+
+
+def add_pipe_parser(sub) -> None:
+    p = sub.add_parser("pipe", help="translate raw RGB24 frames from stdin to stdout",
+                       description="Raw RGB24 frames of --size WxH on stdin -> translated raw RGB24 frames of the "
+                                   "same size on stdout; logs go to stderr. E.g. ffmpeg -i in.mp4 -f rawvideo "
+                                   "-pix_fmt rgb24 - | fastp2p pipe --size 640x360 --checkpoint G.safetensors | "
+                                   "ffmpeg -f rawvideo -pix_fmt rgb24 -s 640x360 -i - out.mp4")
+    p.add_argument("--size", required=True, help="frame size WIDTHxHEIGHT, e.g. 640x360")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="fastp2p .safetensors or reference latest_net_G.pth")
+    src.add_argument("--engine", help="an exported G.onnx (ONNX Runtime) or G.plan (TensorRT)")
+    p.add_argument("--batch_size", type=positive, default=4)
+    p.add_argument("--max_latency_ms", type=bounded_float(0.0), default=100.0,
+                   help="send a partial batch after this long without a full one (>= 0; default 100)")
+    p.add_argument("--mode", choices=("paper", "eval"), default=None,
+                   help="default eval for checkpoints (running stats, no dropout: temporally stable)")
+    p.add_argument("--fit", choices=("pad", "resize"), default="pad")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    add_max_pixels(p)
+    add_arch(p)
+    p.set_defaults(func=cmd_pipe)
+
+
+def cmd_pipe(args) -> int:
+    from ..video import _translator, parse_size, run_pipe
+
+    w, h = parse_size(args.size, args.max_pixels)
+    check_source_flags(args)
+    check_arch_flags(args, args.checkpoint or args.engine, "--checkpoint" if args.checkpoint else "--engine")
+    model = arch_from(args) if args.checkpoint else None
+    tr = _translator(args.checkpoint, args.engine, mode=args.mode, device=args.device, model=model, fit=args.fit)
+    n = run_pipe(tr, w, h, batch_size=args.batch_size, max_latency_ms=args.max_latency_ms)
+    log.info("pipe: %d frame(s) of %dx%d", n, w, h)
+    return 0
