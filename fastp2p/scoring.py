@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from . import metrics as M
+from .data.datasets import load_rgb
 from .errors import DataError, UserError
 from .images import open_image
 from .inference import to_model_input, to_uint8
@@ -42,17 +43,6 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=str)
 
 
-def _open_rgb(path: Path, max_pixels: int | None = None) -> Image.Image:
-    try:
-        with open_image(path, max_pixels) as im:
-            im.load()
-            return im.convert("RGB")
-    except DataError:
-        raise
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(path, f"cannot decode image ({e})") from None
-
-
 def _prep(img: Image.Image, size: int, nc: int) -> np.ndarray:
     """translate's preprocessing of one image: grayscale for 1 channel, bicubic to size x size; uint8 H,W,C."""
     if nc == 1:
@@ -74,7 +64,7 @@ def _probe(path: Path, max_pixels: int | None) -> tuple[int, int]:
 
 def _aligned_loader(path: Path, max_pixels: int | None = None):
     def load(direction: str, size: int, in_nc: int, out_nc: int) -> tuple[np.ndarray, np.ndarray]:
-        img = _open_rgb(path, max_pixels)
+        img = load_rgb(path, max_pixels)
         w, h = img.size
         if w % 2:
             raise DataError(path, f"odd width {w}: an aligned A|B pair must split into two equal halves")
@@ -86,7 +76,7 @@ def _aligned_loader(path: Path, max_pixels: int | None = None):
 
 def _two_folder_loader(pa: Path, pb: Path, max_pixels: int | None = None):
     def load(direction: str, size: int, in_nc: int, out_nc: int) -> tuple[np.ndarray, np.ndarray]:
-        a, b = _open_rgb(pa, max_pixels), _open_rgb(pb, max_pixels)
+        a, b = load_rgb(pa, max_pixels), load_rgb(pb, max_pixels)
         src, tgt = (b, a) if direction == "BtoA" else (a, b)
         return _prep(src, size, in_nc), _prep(tgt, size, out_nc)
     return load
