@@ -171,7 +171,9 @@ def test_sigkill_at_every_instant_of_a_save(tmp_path, k, straight, caplog):
 
 @pytest.mark.slow
 def test_sigkill_at_random_times(tmp_path, straight, caplog):
-    rng = random.Random(int(os.environ.get("FASTP2P_TEST_SEED", time.time_ns() % 10**6)))
+    seed = int(os.environ.get("FASTP2P_TEST_SEED", time.time_ns() % 10**6))
+    print(f"kill delays drawn with FASTP2P_TEST_SEED={seed}")  # shown on failure: rerun with it to replay
+    rng = random.Random(seed)
     delays = [rng.uniform(0.0, 1.5) for _ in range(3)]
     for i, delay in enumerate(delays):
         run = tmp_path / f"r{i}"
@@ -185,7 +187,8 @@ def test_sigkill_at_random_times(tmp_path, straight, caplog):
         p.kill()
         p.wait(timeout=60)
         held = checkpoint.read_meta(run / CKPT)["step"] if (run / CKPT).is_file() else 0
-        check_recoverable(run, held + 1, straight, caplog)  # f"delay {delay:.3f} s" reproduces it
+        print(f"run {i}: killed {delay:.3f} s after its first logged step, checkpoint at step {held}")
+        check_recoverable(run, held + 1, straight, caplog)
 
 
 @pytest.mark.slow
