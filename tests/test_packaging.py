@@ -2,6 +2,7 @@
 train --nproc`` runs under torchrun) started in the repository root, next to a non-editable install, imports the
 source folder first and must still find ``fastp2p.kernels`` / ``.engines`` / ``.bench``, which live beside it."""
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -33,10 +34,15 @@ RUN_AS_M = textwrap.dedent("""
 def installed(tmp_path_factory) -> Path:
     """A plain (non-editable) install of this checkout into a folder of its own, as `pip install .` makes it."""
     target = tmp_path_factory.mktemp("site")
-    build = tmp_path_factory.mktemp("build")
+    # From a copy of what the build reads: setuptools writes build/ and *.egg-info into the source tree it builds.
+    src = tmp_path_factory.mktemp("src")
+    for name in ("fastp2p", "kernels", "engines", "bench"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
     p = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-compile",
-                        "--quiet", "--target", str(target), str(REPO)],
-                       capture_output=True, text=True, timeout=300, cwd=build)
+                        "--quiet", "--target", str(target), str(src)],
+                       capture_output=True, text=True, timeout=300, cwd=src)
     if p.returncode != 0:
         pytest.skip(f"pip could not build a wheel of the checkout here: {p.stderr.strip().splitlines()[-1:]}")
     assert (target / "fastp2p" / "bench" / "__init__.py").is_file()  # installed as subpackages
