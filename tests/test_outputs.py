@@ -305,22 +305,23 @@ def test_eval_rerun_and_overwrite(env, tmp_path, capsys):
     assert "fastp2p eval" in (other / "index.html").read_text()
 
 
+def _rerun_then_foreign(capsys, args, foreign: Path, name: str) -> None:
+    """The command runs twice over its own outputs; a foreign file at ``foreign`` then needs --overwrite."""
+    _ok(capsys, args)
+    _ok(capsys, args)
+    _file(foreign)
+    _fails(capsys, args, name, "--overwrite")
+    _ok(capsys, [*args, "--overwrite"])
+
+
 @needs_onnx
 def test_export_and_build_engine_rerun_and_overwrite(env, tmp_path, capsys):
     out = tmp_path / "G.onnx"
     args = ["export", env.ckpt, "-o", out, "--mode", "eval"]
-    _ok(capsys, args)
-    _ok(capsys, args)
-    _file(out)
-    _fails(capsys, args, "G.onnx", "--overwrite")
-    _ok(capsys, [*args, "--overwrite"])
+    _rerun_then_foreign(capsys, args, out, "G.onnx")
     ort = tmp_path / "G.ort.onnx"
     args = ["build-engine", out, "--backend", "onnxruntime", "-o", ort]
-    _ok(capsys, args)
-    _ok(capsys, args)
-    _file(Path(str(ort) + ".json"))
-    _fails(capsys, args, "G.ort.onnx.json", "--overwrite")
-    _ok(capsys, [*args, "--overwrite"])
+    _rerun_then_foreign(capsys, args, Path(str(ort) + ".json"), "G.ort.onnx.json")
 
 
 def test_plan_outputs_without_tensorrt(tmp_path):
@@ -349,11 +350,7 @@ def test_plan_outputs_without_tensorrt(tmp_path):
 def test_convert_rerun_and_overwrite(env, tmp_path, capsys):
     st = tmp_path / "G.safetensors"
     args = ["convert", env.pth, "--netG", "unet_128", "-o", st]
-    _ok(capsys, args)
-    _ok(capsys, args)
-    _file(st)
-    _fails(capsys, args, "G.safetensors", "--overwrite")
-    _ok(capsys, [*args, "--overwrite"])
+    _rerun_then_foreign(capsys, args, st, "G.safetensors")
     back = tmp_path / "back.pth"
     args = ["convert", st, "--to", "reference", "-o", back]
     _ok(capsys, args)
