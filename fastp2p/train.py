@@ -306,6 +306,15 @@ def fit(cfg: Config, progress: bool = True) -> dict:
         trainer.step = distributed.resume_step(trainer.step, trainer.epoch, trainer.saved_layout, steps_per_epoch,
                                                cfg.train.batch_size * dctx.world_size)
         distributed.seed_rank(cfg.train.seed, dctx.rank, trainer.step)
+        if trainer.step >= total:  # nothing to train: leave the checkpoint and the summary as they are
+            loader.close()
+            trainer.release_ddp()
+            dctx.close()
+            if dctx.is_main:
+                log.warning("--resume: %s is at step %d and this run ends at step %d (--max_steps or the schedule): "
+                            "nothing to train; raise --max_steps to continue", ckpt, trainer.step, total)
+            return {"steps": trainer.step, "epoch": trainer.epoch + 1, "trained_steps": 0, "interrupted": None,
+                    "checkpoint": str(ckpt), "run_dir": str(run_dir), "rank": dctx.rank}
     # --eval_every: validation scores into metrics.jsonl, on the main process only (fastp2p.scoring.TrainEval)
     from .scoring import TrainEval
 

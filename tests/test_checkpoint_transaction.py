@@ -376,3 +376,23 @@ def test_resume_with_another_architecture_names_the_flag(tmp_path, capsys):
     line = _one_line(capsys, "--resume", "--ngf 4 (this command: 8)", "--norm batch (this command: instance)")
     assert "size mismatch" not in line
     assert (run / CKPT).read_bytes() == before
+
+
+def test_resume_with_nothing_left_to_train_rewrites_nothing(tmp_path, caplog):
+    run = tmp_path / "run"
+    assert train(run, "--max_steps", "2") == 0
+    files = {p: p.read_bytes() for p in [run / CKPT, run / "summary.json", *run.glob("checkpoints/*")]}
+    caplog.clear()
+    assert train(run, "--max_steps", "2", "--resume") == 0
+    assert train(run, "--max_steps", "1", "--resume") == 0
+    assert any("nothing to train" in r.getMessage() for r in caplog.records)
+    assert {p: p.read_bytes() for p in files} == files
+
+
+def test_the_same_command_twice_starts_a_second_run(tmp_path, caplog):
+    """Without --name (the Quickstart's command), an existing run folder gets a sibling instead of an error."""
+    base = ["train", *ARGS, "--out", str(tmp_path), "--max_steps", "1"]
+    assert cli.main(base) == 0 and cli.main(base) == 0
+    assert (tmp_path / "debug" / CKPT).is_file() and (tmp_path / "debug-2" / CKPT).is_file()
+    assert any("debug-2" in r.getMessage() for r in caplog.records)
+    assert cli.main([*base, "--name", "debug"]) == 2  # an explicit --name is never changed: it needs --resume

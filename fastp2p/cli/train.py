@@ -174,6 +174,30 @@ def _check_nproc(nproc: int, device: str) -> None:
                         f"--nproc {os.cpu_count()} or fewer")
 
 
+def _fresh_default_name(cfg, args):
+    """Without --name (and --resume), a run folder that already holds a run gets a sibling ``<name>-2``, ``-3``, ...
+    instead of an error, so the Quickstart's command can be run again; one line says which. An explicit --name is
+    never changed (fit refuses it with "pass --resume"). Not under torchrun, whose ranks must agree on one name
+    (``--nproc`` passes the chosen name on to them)."""
+    import logging
+    import os
+
+    t = cfg.train
+    if args.name is not None or t.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return cfg
+    out, name, n = Path(t.out), t.name, 1
+    while (out / name / "checkpoints" / "latest.safetensors").is_file():
+        n += 1
+        name = f"{t.name}-{n}"
+    if n == 1:
+        return cfg
+    logging.getLogger("fastp2p.train").warning("%s already holds a run: this one goes to %s (--name chooses the "
+                                               "folder, --resume continues the old run)", out / t.name, out / name)
+    if getattr(args, "argv", None) is not None:
+        args.argv = [*args.argv, "--name", name]
+    return override(cfg, name=name)
+
+
 def cmd_train(args) -> int:
     from ..train import fit
 
@@ -183,6 +207,7 @@ def cmd_train(args) -> int:
     if fields.get("data") is not None and not Path(fields["data"]).exists():
         raise UserError(f"--data: no such folder: {fields['data']}")
     cfg = override(base, **fields)
+    cfg = _fresh_default_name(cfg, args)
     if cfg.data.crop_size > cfg.data.load_size and "crop" in cfg.data.preprocess:
         raise UserError(f"--crop_size {cfg.data.crop_size} is larger than --load_size {cfg.data.load_size}")
     if args.n_layers_D is not None and cfg.model.netD != "n_layers" and args.n_layers_D != 3:
