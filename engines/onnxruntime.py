@@ -24,7 +24,7 @@ import torch
 
 from fastp2p import __version__, outputs
 from fastp2p.checkpoint import atomic_write
-from fastp2p.errors import UserError
+from fastp2p.errors import UserError, first_line
 
 from .onnx import check_onnx_output, meta_from_proto, read_onnx_meta
 
@@ -111,7 +111,7 @@ class OrtGenerator:
             self.session = ort.InferenceSession(str(self.path), session_options(threads, spin=spin),
                                                 providers=self.providers)
         except Exception as e:  # onnxruntime raises its own exception types (Fail, NotImplemented, ...)
-            raise UserError(f"{self.path}: ONNX Runtime cannot open it ({str(e).splitlines()[0][:300]})") from None
+            raise UserError(f"{self.path}: ONNX Runtime cannot open it ({first_line(e, 300)})") from None
         self.load_s = time.perf_counter() - t0
         (inp,), (out,) = self.session.get_inputs(), self.session.get_outputs()
         self.input_name, self.output_name = inp.name, out.name
@@ -170,7 +170,7 @@ def optimize_onnx(src: str | Path, out: str | Path, *, level: str = "extended", 
         try:
             ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's own exception types
-            raise UserError(f"{src}: ONNX Runtime cannot optimize it ({str(e).splitlines()[0][:300]})") from None
+            raise UserError(f"{src}: ONNX Runtime cannot optimize it ({first_line(e, 300)})") from None
         proto = onnx.load(tmp)
         if meta_from_proto(proto).get("format") is None:  # ONNX Runtime keeps metadata_props; make sure
             src_proto = onnx.load(str(src), load_external_data=False)

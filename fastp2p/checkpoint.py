@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import Config, ModelConfig
-from .errors import UserError
+from .errors import UserError, first_line
 from .models import build_generator, keys
 from .models.unet import NUM_DOWNS
 
@@ -220,7 +220,7 @@ def read_meta(path: str | Path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for truncated / foreign files
-        raise UserError(f"{path}: not a readable safetensors checkpoint ({_first_line(e)})") from None
+        raise UserError(f"{path}: not a readable safetensors checkpoint ({first_line(e)})") from None
     if "fastp2p" not in header:
         raise UserError(f"{path}: a safetensors file without fastp2p metadata; convert it with `fastp2p convert`")
     try:
@@ -232,15 +232,11 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:200]
-
-
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # truncated or damaged data after a readable header
-        raise UserError(f"{path}: cannot read its tensors ({_first_line(e)}); the file is damaged") from None
+        raise UserError(f"{path}: cannot read its tensors ({first_line(e)}); the file is damaged") from None
 
 
 def load(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -264,7 +260,7 @@ def load_state(path: str | Path, meta: dict | None = None) -> tuple[dict, dict[s
             header = f.metadata() or {}
         smeta = json.loads(header.get("fastp2p_state", "{}"))
     except Exception as e:
-        raise UserError(f"{sp}: training state unreadable ({_first_line(e)}); cannot --resume exactly") from None
+        raise UserError(f"{sp}: training state unreadable ({first_line(e)}); cannot --resume exactly") from None
     token = (meta.get("train_state") or {}).get("token")
     if token is not None and header.get("token") != token:
         raise UserError(f"{sp}: training state of another save than {path}; cannot --resume exactly")
@@ -322,7 +318,7 @@ def generator_from_reference(sd: dict[str, torch.Tensor], model: ModelConfig, so
         mapped = keys.from_reference(sd, depth, fill_bias=fill)
         G.load_state_dict(mapped, strict=True)
     except (KeyError, RuntimeError) as e:
-        msg = str(e).splitlines()[0][:300]
+        msg = first_line(e, 300)
         raise UserError(f"{source}: does not match --netG {model.netG} --norm {model.norm} ({msg}); "
                         "check --norm / --ngf") from None
     return G
@@ -341,5 +337,5 @@ def load_generator(path: str | Path, model: ModelConfig | None = None):
     try:
         G.load_state_dict(_sub(tensors, "G."), strict=True)
     except RuntimeError as e:
-        raise UserError(f"{path}: generator weights do not match its own config ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: generator weights do not match its own config ({first_line(e, 10**6)})") from None
     return G, cfg

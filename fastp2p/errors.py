@@ -15,3 +15,9 @@ class DataError(UserError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), cut to ``limit`` characters: how
+    a library error is quoted inside a one-line ``UserError``."""
+    return (str(e).splitlines() or [type(e).__name__])[0][:limit]

@@ -38,7 +38,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 OVERWRITE_HINT = "pass --overwrite to replace it, or choose another path"
 
@@ -149,7 +149,7 @@ def writing(path: str | Path, flag: str) -> Iterator[None]:
     except RuntimeError as e:  # torch.save's zip writer: "[enforce fail at inline_container.cc] ... "
         if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
             raise
-        raise UserError(f"{flag} {path}: cannot write ({str(e).splitlines()[0][:200]}); choose a writable "
+        raise UserError(f"{flag} {path}: cannot write ({first_line(e)}); choose a writable "
                         "location") from None
 
 
