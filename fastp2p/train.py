@@ -286,6 +286,12 @@ def fit(cfg: Config, progress: bool = True) -> dict:
     # --loader dali|torch|gpu-cache (fastp2p.data.backends). DALI batches are valid until the next one is requested:
     # the loop below uses each batch within its step and keeps none.
     loader = data_mod.make_train_loader(cfg, dataset, trainer.device, shard_id=dctx.rank, num_shards=dctx.world_size)
+
+    def release() -> None:  # the loader's workers, then DDP's wrappers before the process group goes
+        loader.close()
+        trainer.release_ddp()
+        dctx.close()
+
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise UserError(f"--data: no pairs to train on in {cfg.data.data}")
@@ -307,9 +313,7 @@ def fit(cfg: Config, progress: bool = True) -> dict:
                                                cfg.train.batch_size * dctx.world_size)
         distributed.seed_rank(cfg.train.seed, dctx.rank, trainer.step)
         if trainer.step >= total:  # nothing to train: leave the checkpoint and the summary as they are
-            loader.close()
-            trainer.release_ddp()
-            dctx.close()
+            release()
             if dctx.is_main:
                 log.warning("--resume: %s is at step %d and this run ends at step %d (--max_steps or the schedule): "
                             "nothing to train; raise --max_steps to continue", ckpt, trainer.step, total)
@@ -381,9 +385,7 @@ def fit(cfg: Config, progress: bool = True) -> dict:
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
-        loader.close()
-        trainer.release_ddp()
-        dctx.close()
+        release()
     interrupted = stop["sig"]
     summary = reporter.close(trainer, bad_files=getattr(dataset, "bad_files", []), interrupted=interrupted)
     summary["checkpoint"] = str(ckpt)
