@@ -132,12 +132,12 @@ def check_source_flags(args) -> None:
         path = Path(value)
         if path.is_dir():
             raise UserError(f"{flag} {path}: is a folder; give the file")
-        if not path.is_file():
-            raise UserError(f"{flag} not found: {path}")
-        if path.suffix.lower() not in kinds:
+        if path.suffix.lower() not in kinds:  # the wrong flag for this kind of file, whether it exists or not
             hint = (f"; pass exported .onnx / .plan files with {other}" if other and path.suffix.lower() in
                     ONNX_SUFFIXES + TRT_SUFFIXES else "")
             raise UserError(f"{flag} {path}: expected a {' / '.join(kinds)} file{hint}")
+        if not path.is_file():
+            raise UserError(f"{flag} not found: {path}")
 
 
 def add_overwrite(p: argparse.ArgumentParser, ours: str) -> None:

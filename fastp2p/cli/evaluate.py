@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..errors import UserError
 from .args import (
     add_arch,
     add_max_pixels,
@@ -54,16 +53,8 @@ def add_parser(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from ..engines.runtime import TORCH_SUFFIXES
     from ..evaluate import _fmt, evaluate, skip_line
 
-    if args.checkpoint is not None:
-        ckpt = Path(args.checkpoint)
-        if ckpt.suffix.lower() not in TORCH_SUFFIXES:
-            raise UserError(f"--checkpoint {ckpt}: expected a .safetensors or reference .pth; pass exported .onnx / "
-                            ".plan files with --engine")
-        if not ckpt.is_file():
-            raise UserError(f"--checkpoint not found: {ckpt}")
     check_source_flags(args)
     check_arch_flags(args, args.checkpoint or args.engine, "--checkpoint" if args.checkpoint else "--engine")
     check_crop_size(args.crop_size, args.max_pixels)
