@@ -2,7 +2,7 @@
 norm sites, against eager PyTorch (cuDNN batch norm / instance norm + activation module) and torch.compile's own fusion.
 
     python -m fastp2p.bench.kernels [--batch 1 32] [--size 256] [--dtype float32 bfloat16] [--norm batch]
-                                    [--reps 50] [--json PATH]
+                                    [--reps 50] [--variant v1 v2] [--json PATH]
 
 CUDA only: on a CPU-only machine it says that timing needs a GPU and exits 0 (the Triton interpreter measures Python,
 not kernels). Per site and candidate: median fwd+bwd time over ``--reps`` iterations timed with CUDA events (after
@@ -12,8 +12,11 @@ copy bandwidth measured in the same run (``dst.copy_(src)`` on 1 GiB, read + wri
 versions, git sha and config; the table is printed last.
 
 Candidates: ``eager`` (nn norm + nn activation, channels-last), ``compile`` (the same, torch.compile default mode),
-``triton`` (FusedNormAct, opaque custom_op: the default), ``triton_op+compile`` (FusedNormAct through the triton_op
-registration, under torch.compile: inductor sees the kernels).
+``triton-v1`` / ``triton-v2`` (FusedNormAct, opaque custom_op, kernel implementation v1 (3-launch forward, serial
+merge, host-side running-statistics update) or v2 (the default: <= 2 launches each way, no host sync); ``--variant``
+picks which), ``triton_op+compile`` (FusedNormAct v2 through the triton_op registration, under torch.compile:
+inductor sees the kernels). Each row also counts, per fwd+bwd, the Triton launches (eager candidates) and every CUDA
+kernel / memset / memcpy the profiler sees (``cuda_kernels``, ``cuda_memops``).
 """
 
 from __future__ import annotations
@@ -90,20 +93,43 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30, reps: int = 20) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def _candidates(kind: str, C: int, act: str) -> dict[str, nn.Module]:
+def _candidates(kind: str, C: int, act: str, variants: tuple[str, ...] = ("v1", "v2")) -> dict[str, nn.Module]:
     from fastp2p.kernels import FusedNormAct
 
     eager = _eager_module(kind, C, act).cuda()
-    return {
-        "eager": eager,
-        "compile": torch.compile(copy.deepcopy(eager)),
-        "triton": FusedNormAct(copy.deepcopy(eager[0]), act, 0.2, "triton"),
-        "triton_op+compile": torch.compile(FusedNormAct(copy.deepcopy(eager[0]), act, 0.2, "triton",
-                                                        registration="triton_op")),
-    }
+    cands = {"eager": eager, "compile": torch.compile(copy.deepcopy(eager))}
+    for v in variants:
+        cands[f"triton-{v}"] = FusedNormAct(copy.deepcopy(eager[0]), act, 0.2, "triton", variant=v)
+    cands["triton_op+compile"] = torch.compile(FusedNormAct(copy.deepcopy(eager[0]), act, 0.2, "triton",
+                                                            registration="triton_op", variant="v2"))
+    return cands
 
 
-def bench_site(site: dict, batch: int, dtype: torch.dtype, reps: int, copy_gbs: float) -> list[dict]:
+def count_device_work(fn) -> dict:
+    """Per call of ``fn``: Triton launches (``norm_act.counted_launches``: eager launchers only) and the CUDA kernels
+    and memsets/memcpys torch.profiler sees (everything, torch's own small ops included)."""
+    from fastp2p.kernels import norm_act
+    from torch.profiler import ProfilerActivity, profile
+
+    out: dict = {}
+    with norm_act.counted_launches() as names:
+        fn()
+    torch.cuda.synchronize()
+    out["triton_launches"] = len(names)
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        dev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        mem = [e for e in dev if e.name.startswith(("Memcpy", "Memset"))]
+        out.update(cuda_kernels=len(dev) - len(mem), cuda_memops=len(mem))
+    except Exception as e:  # noqa: BLE001 - no CUPTI: the timing still counts
+        out["profiler_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    return out
+
+
+def bench_site(site: dict, batch: int, dtype: torch.dtype, reps: int, copy_gbs: float,
+               variants: tuple[str, ...] = ("v1", "v2")) -> list[dict]:
     C, H, W = site["shape"]
     shape = (batch, C, H, W)
     x = torch.randn(shape, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -111,7 +137,7 @@ def bench_site(site: dict, batch: int, dtype: torch.dtype, reps: int, copy_gbs: 
     xg = x.detach().requires_grad_(True)
     nbytes = 5 * x.numel() * x.element_size()
     rows = []
-    for name, module in _candidates(site["kind"], C, site["act"]).items():
+    for name, module in _candidates(site["kind"], C, site["act"], variants).items():
         module.train()
 
         def step(module=module):
@@ -126,6 +152,9 @@ def bench_site(site: dict, batch: int, dtype: torch.dtype, reps: int, copy_gbs: 
             torch.cuda.synchronize()
             row["first_call_s"] = round(time.perf_counter() - t0, 3)
             ms = _time_cuda(step, reps)
+            row.update(count_device_work(step))
+            if "compile" in name:  # compiled: the launchers ran at trace time, not per call; the profiler counts
+                row["triton_launches"] = None
         except Exception as e:  # noqa: BLE001 - a failing candidate is a row, not a crash
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             rows.append(row)
@@ -140,10 +169,15 @@ def bench_site(site: dict, batch: int, dtype: torch.dtype, reps: int, copy_gbs: 
     return rows
 
 
+def _cell(v) -> str:
+    return "-" if v is None else str(v)
+
+
 def _table(rows: list[dict], copy_gbs: float) -> str:
     head = f"{'site':<16}{'N,C,H,W':<20}{'act':<11}{'dtype':<10}{'candidate':<19}{'ms':>9}{'GB/s':>9}{'%copy':>7}" \
-           f"{'x eager':>9}"
-    lines = [f"copy bandwidth (measured): {copy_gbs:.0f} GB/s; traffic counted: 5 x tensor bytes per fwd+bwd", head,
+           f"{'x eager':>9}{'triton':>7}{'cuda':>6}"
+    lines = [f"copy bandwidth (measured): {copy_gbs:.0f} GB/s; traffic counted: 5 x tensor bytes per fwd+bwd; "
+             "launches per fwd+bwd: triton = Triton kernels, cuda = every CUDA kernel (profiler)", head,
              "-" * len(head)]
     for r in rows:
         shape = ",".join(map(str, r["shape"]))
@@ -153,7 +187,8 @@ def _table(rows: list[dict], copy_gbs: float) -> str:
             continue
         speedup = r.get("speedup_vs_eager", 0)
         lines.append(f"{r['site']:<16}{shape:<20}{r['act']:<11}{r['dtype']:<10}{r['candidate']:<19}"
-                     f"{r['ms']:>9.4f}{r['gbs']:>9.1f}{100 * r['copy_frac']:>6.0f}%{speedup:>8.2f}x")
+                     f"{r['ms']:>9.4f}{r['gbs']:>9.1f}{100 * r['copy_frac']:>6.0f}%{speedup:>8.2f}x"
+                     f"{_cell(r.get('triton_launches')):>7}{_cell(r.get('cuda_kernels')):>6}")
     return "\n".join(lines)
 
 
@@ -164,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     p.add_argument("--norm", default="batch", choices=["batch", "instance"])
     p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--variant", nargs="+", default=["v1", "v2"], choices=["v1", "v2"],
+                   help="fused-kernel implementations to time side by side")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -188,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     for batch in args.batch:
         for dt in args.dtype:
             for s in unique:
-                rows.extend(bench_site(s, batch, getattr(torch, dt), args.reps, copy_gbs))
+                rows.extend(bench_site(s, batch, getattr(torch, dt), args.reps, copy_gbs, tuple(args.variant)))
     env = {**environment(), "triton": getattr(norm_act.triton, "__version__", None), "copy_gbs": round(copy_gbs, 1),
            "config": vars(args)}
     if args.json:

@@ -6,20 +6,24 @@ custom-op + autograd + fake registration, a pure-torch implementation and an ``n
 ``apply_fused_kernels(model, backend="triton" | "torch")`` swaps a model's norm + activation pairs in place without
 changing its state_dict keys; ``remove_fused_kernels`` undoes it. On a machine without CUDA the Triton kernels run only
 under the interpreter (``TRITON_INTERPRET=1`` set before this package is imported; the tests do that).
+``FASTP2P_NORM_ACT_IMPL=v1|v2`` (or ``variant=``) picks the kernel implementation; v2, the default, needs at most 2
+launches per norm layer each way and no host sync (see ``norm_act``'s docstring).
 """
 
 from .norm_act import (
     ACTS,
     PAIRED_LISTS,
     STATS,
+    VARIANTS,
     FusedNormAct,
     apply_fused_kernels,
     default_backend,
+    default_variant,
     norm_act_reference,
     norm_kind,
     remove_fused_kernels,
     triton_usable,
 )
 
-__all__ = ["ACTS", "PAIRED_LISTS", "STATS", "FusedNormAct", "apply_fused_kernels", "default_backend",
-           "norm_act_reference", "norm_kind", "remove_fused_kernels", "triton_usable"]
+__all__ = ["ACTS", "PAIRED_LISTS", "STATS", "VARIANTS", "FusedNormAct", "apply_fused_kernels", "default_backend",
+           "default_variant", "norm_act_reference", "norm_kind", "remove_fused_kernels", "triton_usable"]

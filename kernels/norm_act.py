@@ -6,20 +6,46 @@ activation, and for InstanceNorm on channels-last a ``.contiguous()`` to NCHW an
 
 Statistics modes (``stats``):
     ``"instance"``  per (sample, channel) over H*W: InstanceNorm2d, and batch norm evaluated per sample (paper mode)
-    ``"batch"``     per channel over N*H*W: BatchNorm2d in training (the module updates the running statistics from the
-                    returned batch mean / biased variance exactly like ``nn.BatchNorm2d``: momentum, unbiased variance)
+    ``"batch"``     per channel over N*H*W: BatchNorm2d in training, running statistics moved exactly like
+                    ``nn.BatchNorm2d`` (momentum or cumulative average, unbiased variance, ``num_batches_tracked``):
+                    by the v2 kernels themselves, by the module from the returned batch mean / variance in v1
     ``"running"``   given statistics (BatchNorm2d in eval): a pure elementwise pass
 
-Passes (x is read, y written; "tile" = [BLOCK_C channels x BLOCK_L positions]):
+Passes (x is read, y written; "tile" = [BLOCK_C channels x BLOCK_L positions]). Two implementations, picked per module
+by ``variant=`` / ``FASTP2P_NORM_ACT_IMPL=v1|v2`` (``default_variant``: v2 in the interpreter, v1 on a GPU until a
+GPU run confirms v2). Launches per layer, fwd / bwd:
+
+                            v1                                   v2
+    batch (training)        3 + ~9 torch ops / 2 + 3 torch sums  2 / 2, no torch ops but allocations + one memset
+    instance, 1 chunk       1 / 1 + 2 torch sums                 1 / 1
+    instance, chunks        3 / 2 + torch sums                   2 / 2
+    running (eval)          1 + 2 copies / 1 + 2 torch sums      1 / 1
+
     forward   instance, one chunk per (n, c-block): ONE kernel: Welford over x, then normalize + act (the re-read of x
-              comes from L1/L2 on a GPU); otherwise: partial statistics per (n, L-chunk, c) -> merge (tiny) -> apply.
+              comes from L1/L2 on a GPU); otherwise: partial statistics per (n, L-chunk, c) -> merge -> apply.
+              v1: the merge is its own kernel whose cdiv(C, 128) programs each walk all N * n_chunks partial rows one
+              after another; the module then updates running_mean / running_var / num_batches_tracked with ~9 small
+              torch ops and, for momentum=None, float(num_batches_tracked) (a host sync).
+              v2: the merge runs at the end of the statistics kernel, in the last program of each group to finish
+              (an atomic ticket per group; see "v2" above the kernels), as a tiled [rows x channels] reduction in
+              registers; the same program moves the running statistics (momentum, unbiased variance, or 1 /
+              num_batches_tracked read on the device), and the apply kernel bumps num_batches_tracked: 2 launches.
     backward  dz = act'(z) * dy with z recomputed from x (nothing but x, the C-sized mean/var and the parameters is
               saved), then dx = w * rstd * (dz - mean(dz) - xhat * mean(dz * xhat)), dw = sum(dz * xhat), db = sum(dz);
               same kernel layout as the forward (one kernel for single-chunk instance norm and for ``"running"``).
-Statistics are numerically stable: each tile's mean and M2 are computed two-pass inside the tile and merged with Chan's
-parallel formula, and chunks are merged the same way, so 1x1 / 2x2 maps (the U-Net bottleneck) and large H*W with a
-large mean stay right. All arithmetic is fp32 whatever the storage dtype (fp32, bf16, fp16).
+              v1 reduces the partial sums with torch (.sum over rows for dx, and again for dw / db); v2 sums each
+              partial row once, in the reduction kernel's last program per channel block, into db, dw (and the
+              per-sample sums instance norm needs), which the dx kernel reads: at most 2 launches.
 
+U-Net skip path (designed, not built yet): the up path computes ReLU(cat[a_i, u_{i+1}]) before every up conv (cat,
+then ReLU: ~4 extra passes over the skip tensors). Since ReLU(LeakyReLU(h)) = ReLU(h) and ReLU commutes with dropout's
+non-negative scaling, a transform (here or in fastp2p.perf, never in the model file) can preallocate each level's
+concatenation buffer, have the down-path norm kernel write a second output ReLU(h_i) into its first C_i channels (next
+to LeakyReLU(h_i) for the down conv), and the up-path norm kernel apply ReLU and write into the remaining channels
+(the (n, c, l) strides of a channel slice of a dense NCHW / NHWC buffer are what the kernels take already). Autograd
+then needs a Function per level that returns the buffer and hands each producer its gradient slice (a strided view:
+no copy); levels with dropout keep a copy into the slice (they are the 2x2..8x8 ones). Test plan: the transformed
+U-Net equals the plain one in float64 terms, forward and every gradient, on UnetGenerator(3, 3, num_downs=5, ngf=4).
 Memory format: NCHW-contiguous and channels-last (NHWC) inputs run as they are (the kernels take (n, c, h*w) strides;
 outputs keep the input's format). A tensor that is neither is made dense *in its suggested format*, never with a bare
 ``.contiguous()``. ``dy`` may come in the other format; it is read through its own strides.
@@ -29,6 +55,9 @@ with ``fullgraph=True`` under ``aot_eager`` and ``inductor`` on CPU (Triton inte
 ``torch.library.triton_op`` + ``wrap_triton`` variant (ops ``fastp2p::norm_act_fwd_t`` / ``_bwd_t``) lets inductor see
 inside the kernels on CUDA; on CPU it fails under compile ("Cannot access data pointer of Tensor" during fake tracing),
 so it is opt-in: ``FusedNormAct(..., registration="triton_op")`` / ``apply_fused_kernels(..., registration=...)``.
+v2's forward ops (``fastp2p::norm_act_fwd2`` / ``_fwd2_t``) mutate the running statistics (declared in
+``mutates_args``: compile functionalizes them); torch.library attaches no autograd formula to a mutating op, so an
+``autograd.Function`` wraps it (dynamo traces it whole) with ``fastp2p::norm_act_bwd2`` / ``_bwd2_t`` as its backward.
 Which one is faster on a GPU is for ``python -m fastp2p.bench.kernels`` to say (not yet measured: no GPU so far).
 
 Block sizes and chunking are heuristics (``_config``), not tuned on a GPU yet.
@@ -307,6 +336,194 @@ if triton is not None:
         _dx_tiles(DY, X, DX, n, c, cm, l0, l1, mean, rstd, scale, shift, m_dz, m_dzx, slope,
                   sdn, sdc, sdl, sxn, sxc, sxl, sgn, sgc, sgl, ACT, BLOCK_L)
 
+    # -- v2 (the default): the merges run in the statistics / reduction kernel itself ------------------------------
+    # Each program of a group (the programs that share a channel block, and for per-sample statistics a sample)
+    # stores its partial row, then takes a ticket from the group's counter (atomic add, acq_rel at GPU scope, after a
+    # CTA barrier so every thread's stores are ordered before it); the program that draws the last ticket sees every
+    # partial row and merges them, tiled [BLOCK_P rows x BLOCK_C channels] and reduced in registers. That removes the
+    # merge launch (and the serial walk over ~500 rows of v1's merge kernel) and needs no grid-wide barrier. The
+    # counters are a fresh zeroed int32 tensor per call (one memset: safe under CUDA graphs, streams and compile).
+
+    @triton.jit
+    def _chunk_moments(X, n, c, cm, l0, l1, sxn, sxc, sxl, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+        """(mean, M2) of x[n, c, l0:l1]: two-pass inside each tile, Chan's merge across tiles (as _fwd_stats_kernel)."""
+        mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for s in range(l0, l1, BLOCK_L):
+            pos = s + tl.arange(0, BLOCK_L)
+            lm = pos < l1
+            x = tl.load(X + _tile_offsets(n, c, pos, sxn, sxc, sxl), mask=cm[:, None] & lm[None, :],
+                        other=0.0).to(tl.float32)
+            tc = tl.minimum(l1 - s, BLOCK_L).to(tl.float32)
+            cnt = (s - l0).to(tl.float32)
+            tmean = tl.sum(x, axis=1) / tc
+            d = tl.where(lm[None, :], x - tmean[:, None], 0.0)
+            tm2 = tl.sum(d * d, axis=1)
+            tot = cnt + tc
+            delta = tmean - mean
+            mean += delta * (tc / tot)
+            m2 += tm2 + delta * delta * (cnt * tc / tot)
+        return mean, m2
+
+    @triton.jit
+    def _last_of_group(CNT, g, nprog):
+        """True in the one program of group g (of nprog programs) that finishes last; call after storing partials."""
+        tl.debug_barrier()  # every thread of this program has issued its partial-row stores
+        ticket = tl.atomic_add(CNT + g, 1, sem="acq_rel", scope="gpu")
+        return ticket == nprog - 1
+
+    @triton.jit
+    def _merge_moments(PMEAN, PM2, r0, P, C, L, chunk, n_chunks, c, cm, total,
+                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Exact two-level merge of partial rows r0 .. r0 + P - 1 (r0 a multiple of n_chunks; row r counts
+        min(chunk, L - (r % n_chunks) * chunk) positions): mean = sum(cnt_r mean_r) / total, M2 = sum(M2_r + cnt_r
+        (mean_r - mean)^2), in [BLOCK_P, BLOCK_C] tiles summed over rows in registers."""
+        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            m = (p < P)[:, None] & cm[None, :]
+            cnt = tl.minimum(chunk, L - (p % n_chunks) * chunk).to(tl.float32)
+            off = (r0 + p).to(tl.int64)[:, None] * C + c[None, :]
+            mu = tl.load(PMEAN + off, mask=m, other=0.0, cache_modifier=".cg")
+            acc += tl.sum(cnt[:, None] * mu, axis=0)
+        mean = acc / total
+        m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            m = (p < P)[:, None] & cm[None, :]
+            cnt = tl.minimum(chunk, L - (p % n_chunks) * chunk).to(tl.float32)
+            off = (r0 + p).to(tl.int64)[:, None] * C + c[None, :]
+            d = tl.where(m, tl.load(PMEAN + off, mask=m, other=0.0, cache_modifier=".cg") - mean[None, :], 0.0)
+            m2 += tl.sum(tl.load(PM2 + off, mask=m, other=0.0, cache_modifier=".cg") + cnt[:, None] * d * d, axis=0)
+        return mean, m2
+
+    @triton.jit
+    def _sum_rows(PS1, PS2, r0, P, C, c, cm, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Column sums of rows r0 .. r0 + P - 1 of PS1 and PS2, tiled [BLOCK_P, BLOCK_C]."""
+        a1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        a2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            m = (p < P)[:, None] & cm[None, :]
+            off = (r0 + p).to(tl.int64)[:, None] * C + c[None, :]
+            a1 += tl.sum(tl.load(PS1 + off, mask=m, other=0.0, cache_modifier=".cg"), axis=0)
+            a2 += tl.sum(tl.load(PS2 + off, mask=m, other=0.0, cache_modifier=".cg"), axis=0)
+        return a1, a2
+
+    @triton.jit
+    def _fwd_stats2_kernel(X, PMEAN, PM2, MEAN, VAR, CNT, RM, RV, NBT,
+                           C, L, sxn, sxc, sxl, chunk, n_chunks, N, total, momentum,
+                           PER_SAMPLE: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Program (k, n, cb): partial (mean, M2) of its chunk -> PMEAN/PM2[n * n_chunks + k]; the group's last program
+        merges them into MEAN/VAR (biased) and, with UPDATE, moves the running statistics like nn.BatchNorm2d:
+        r = (1 - f) r + f stat with the unbiased variance, f = momentum, or (CUMULATIVE, momentum=None) 1 / (the
+        num_batches_tracked read here + 1); the count itself is bumped by the apply kernel, after every group read it.
+        """
+        k = tl.program_id(0)
+        n = tl.program_id(1).to(tl.int64)
+        cbi = tl.program_id(2)
+        c = cbi * BLOCK_C + tl.arange(0, BLOCK_C)
+        cm = c < C
+        l0 = k * chunk
+        l1 = tl.minimum(l0 + chunk, L)
+        mean, m2 = _chunk_moments(X, n, c, cm, l0, l1, sxn, sxc, sxl, BLOCK_C, BLOCK_L)
+        row = n * n_chunks + k
+        tl.store(PMEAN + row * C + c, mean, mask=cm)
+        tl.store(PM2 + row * C + c, m2, mask=cm)
+        if PER_SAMPLE:
+            g = n * tl.num_programs(2) + cbi
+            nprog = n_chunks
+            r0 = n * n_chunks
+            soff = n * C
+        else:
+            g = n * 0 + cbi
+            nprog = N * n_chunks
+            r0 = n * 0
+            soff = n * 0
+        if _last_of_group(CNT, g, nprog):
+            gmean, gm2 = _merge_moments(PMEAN, PM2, r0, nprog, C, L, chunk, n_chunks, c, cm, total, BLOCK_P, BLOCK_C)
+            gvar = gm2 / total
+            tl.store(MEAN + soff + c, gmean, mask=cm)
+            tl.store(VAR + soff + c, gvar, mask=cm)
+            if UPDATE:
+                if CUMULATIVE:
+                    f = 1.0 / (tl.load(NBT).to(tl.float32) + 1.0)
+                else:
+                    f = momentum
+                rm = tl.load(RM + c, mask=cm, other=0.0).to(tl.float32)
+                rv = tl.load(RV + c, mask=cm, other=0.0).to(tl.float32)
+                tl.store(RM + c, (rm * (1.0 - f) + gmean * f).to(RM.dtype.element_ty), mask=cm)
+                tl.store(RV + c, (rv * (1.0 - f) + gvar * (f * total / (total - 1.0))).to(RV.dtype.element_ty),
+                         mask=cm)
+
+    @triton.jit
+    def _fwd_apply2_kernel(X, Y, W, B, MEAN, VAR, MEAN_OUT, VAR_OUT, NBT,
+                           C, L, sxn, sxc, sxl, syn, syc, syl, chunk, eps, slope,
+                           PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+                           COPY_STATS: tl.constexpr, BUMP: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+        """_fwd_apply_kernel, plus: COPY_STATS ("running"): the fp32 copies of the given statistics that the op returns
+        (written by the k = n = 0 programs); BUMP: num_batches_tracked += 1 (program (0, 0, 0))."""
+        n, c, cm, soff, l0, l1, mean, rstd, scale, shift = _apply_program(W, B, MEAN, VAR, C, L, chunk, eps, PER_SAMPLE,
+                                                                          HAS_W, HAS_B, BLOCK_C)
+        first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0)
+        if COPY_STATS:
+            if first:
+                tl.store(MEAN_OUT + c, mean, mask=cm)
+                tl.store(VAR_OUT + c, tl.load(VAR + c, mask=cm, other=1.0).to(tl.float32), mask=cm)
+        if BUMP:
+            if first & (tl.program_id(2) == 0):
+                tl.store(NBT, tl.load(NBT) + 1)
+        _apply_tiles(X, Y, n, c, cm, l0, l1, mean, scale, shift, slope, sxn, sxc, sxl, syn, syc, syl, ACT, BLOCK_L)
+
+    @triton.jit
+    def _bwd_reduce2_kernel(DY, X, DX, W, B, MEAN, VAR, PS1, PS2, S1, S2, DW, DB, CNT,
+                            C, L, sdn, sdc, sdl, sxn, sxc, sxl, sgn, sgc, sgl, chunk, n_chunks, N, eps, slope,
+                            PER_SAMPLE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr,
+                            MODE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+                            BLOCK_P: tl.constexpr):
+        """_bwd_reduce_kernel (MODE 0 / 1 / 2 the same), then the channel block's last program sums the partial rows
+        once: DB = sum(dz), DW = sum(dz * xhat) over all rows, and for MODE 0 with per-sample statistics the per-sample
+        sums S1/S2[n] that _bwd_apply_kernel needs (for batch statistics S1/S2 are DB/DW themselves)."""
+        n, c, cm, soff, l0, l1, mean, rstd, scale, shift = _apply_program(W, B, MEAN, VAR, C, L, chunk, eps, PER_SAMPLE,
+                                                                          HAS_W, HAS_B, BLOCK_C)
+        s1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for s in range(l0, l1, BLOCK_L):
+            pos = s + tl.arange(0, BLOCK_L)
+            m = cm[:, None] & (pos < l1)[None, :]
+            x = tl.load(X + _tile_offsets(n, c, pos, sxn, sxc, sxl), mask=m, other=0.0).to(tl.float32)
+            dy = tl.load(DY + _tile_offsets(n, c, pos, sdn, sdc, sdl), mask=m, other=0.0).to(tl.float32)
+            xc = x - mean[:, None]
+            dz = _act_grad(dy, xc * scale[:, None] + shift[:, None], slope, ACT)  # 0 where masked (dy = 0)
+            s1 += tl.sum(dz, axis=1)
+            s2 += tl.sum(dz * xc * rstd[:, None], axis=1)
+            if MODE == 1:
+                tl.store(DX + _tile_offsets(n, c, pos, sgn, sgc, sgl), (dz * scale[:, None]).to(DX.dtype.element_ty),
+                         mask=m)
+        row = n * n_chunks + tl.program_id(0)
+        tl.store(PS1 + row * C + c, s1, mask=cm)
+        tl.store(PS2 + row * C + c, s2, mask=cm)
+        if MODE == 2:
+            cnt = (l1 - l0).to(tl.float32)
+            _dx_tiles(DY, X, DX, n, c, cm, l0, l1, mean, rstd, scale, shift, s1 / cnt, s2 / cnt, slope,
+                      sdn, sdc, sdl, sxn, sxc, sxl, sgn, sgc, sgl, ACT, BLOCK_L)
+        if _last_of_group(CNT, tl.program_id(2), N * n_chunks):
+            if PER_SAMPLE and MODE == 0:
+                t1 = tl.zeros([BLOCK_C], dtype=tl.float32)
+                t2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+                for i in range(0, N):
+                    a1, a2 = _sum_rows(PS1, PS2, i * n_chunks, n_chunks, C, c, cm, BLOCK_P, BLOCK_C)
+                    tl.store(S1 + i * C + c, a1, mask=cm)
+                    tl.store(S2 + i * C + c, a2, mask=cm)
+                    t1 += a1
+                    t2 += a2
+            else:
+                t1, t2 = _sum_rows(PS1, PS2, 0, N * n_chunks, C, c, cm, BLOCK_P, BLOCK_C)
+            tl.store(DB + c, t1, mask=cm)
+            tl.store(DW + c, t2, mask=cm)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Launchers
@@ -398,7 +615,25 @@ def _check_args(x: Tensor, stats: str, act: str) -> None:
         raise ValueError(f"act must be one of {tuple(ACTS)}, got {act!r}")
 
 
+_LAUNCH_LOG: list | None = None
+
+
+@contextlib.contextmanager
+def counted_launches():
+    """Collect the names of the Triton kernels launched (eagerly) inside: benchmarks report launches per layer. Under
+    compile with the triton_op registration the launchers run at trace time, so count eager calls only."""
+    global _LAUNCH_LOG
+    old, _LAUNCH_LOG = _LAUNCH_LOG, []
+    try:
+        yield _LAUNCH_LOG
+    finally:
+        _LAUNCH_LOG = old
+
+
 def _launch(kernel, wrap: bool):
+    # Called once per launch, right before kernel[grid](...).
+    if _LAUNCH_LOG is not None:
+        _LAUNCH_LOG.append(getattr(kernel, "__name__", None) or getattr(kernel.fn, "__name__", "?"))
     return torch.library.wrap_triton(kernel) if wrap else kernel
 
 
@@ -503,6 +738,111 @@ def norm_act_backward_triton(dy: Tensor, x: Tensor, weight: Tensor | None, bias:
     return dx, ps2.sum(0), ps1.sum(0)
 
 
+def _block_p(rows: int, bc: int) -> int:
+    """Rows per merge tile: [BLOCK_P, BLOCK_C] of about 4096 fp32 values, no more rows than there are."""
+    return max(1, min(_next_pow2(rows), max(1, 4096 // bc)))
+
+
+def norm_act_forward_v2(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean_in: Tensor | None,
+                        var_in: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
+                        num_batches_tracked: Tensor | None, stats: str, act: str, eps: float, slope: float,
+                        momentum: float, cumulative: bool, _wrap: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``norm_act_forward_triton`` in at most 2 launches, which also update ``running_mean`` / ``running_var`` (given
+    for ``"batch"``: momentum ``momentum``, or the cumulative average when ``cumulative``) and bump
+    ``num_batches_tracked`` (when given) in place, on the device: nothing is read back to the host."""
+    _check_args(x, stats, act)
+    _require_triton(x)
+    x = _dense(x)
+    N, C, H, W = x.shape
+    L = H * W
+    y = _empty_like(x)
+    mean = _empty(_stats_shape(x, stats), torch.float32, x.device)
+    var = _empty(_stats_shape(x, stats), torch.float32, x.device)
+    if x.numel() == 0:
+        if stats == "running":
+            mean.copy_(mean_in)
+            var.copy_(var_in)
+        return y, mean, var
+    bc, bl, chunk, n_chunks, nw = _config(x, stats)
+    cb = triton.cdiv(C, bc)
+    w_ = weight if weight is not None else x
+    b_ = bias if bias is not None else x
+    update = stats == "batch" and running_mean is not None and running_var is not None
+    bump = stats == "batch" and num_batches_tracked is not None
+    nbt = num_batches_tracked if bump else mean
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTS[act], BLOCK_C=bc, BLOCK_L=bl,
+                 num_warps=nw)
+    sx, sy = _nlc_strides(x), _nlc_strides(y)
+    with _device_ctx(x):
+        if stats == "running":
+            _launch(_fwd_apply2_kernel, _wrap)[(n_chunks, N, cb)](
+                x, y, w_, b_, mean_in, var_in, mean, var, nbt, C, L, *sx, *sy, chunk, eps, slope, PER_SAMPLE=False,
+                COPY_STATS=True, BUMP=False, **flags)
+        elif stats == "instance" and n_chunks == 1:
+            _launch(_fwd_stats_kernel, _wrap)[(1, N, cb)](
+                x, y, w_, b_, mean, mean, mean, var, C, L, *sx, *sy, chunk, 1, eps, slope, APPLY=True, **flags)
+        else:
+            per_sample = stats == "instance"
+            pmean = _empty((N * n_chunks, C), torch.float32, x.device)
+            pm2 = _empty((N * n_chunks, C), torch.float32, x.device)
+            counters = torch.zeros(N * cb if per_sample else cb, dtype=torch.int32, device=x.device)
+            total = float(L if per_sample else N * L)
+            rm, rv = (running_mean, running_var) if update else (mean, var)
+            _launch(_fwd_stats2_kernel, _wrap)[(n_chunks, N, cb)](
+                x, pmean, pm2, mean, var, counters, rm, rv, nbt, C, L, *sx, chunk, n_chunks, N, total,
+                float(momentum), PER_SAMPLE=per_sample, UPDATE=update, CUMULATIVE=bool(cumulative) and bump,
+                BLOCK_C=bc, BLOCK_L=bl, BLOCK_P=_block_p(n_chunks if per_sample else N * n_chunks, bc),
+                num_warps=nw)
+            _launch(_fwd_apply2_kernel, _wrap)[(n_chunks, N, cb)](
+                x, y, w_, b_, mean, var, mean, var, nbt, C, L, *sx, *sy, chunk, eps, slope, PER_SAMPLE=per_sample,
+                COPY_STATS=False, BUMP=bump, **flags)
+    return y, mean, var
+
+
+def norm_act_backward_v2(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                         var: Tensor, stats: str, act: str, eps: float, slope: float,
+                         _wrap: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``norm_act_backward_triton`` in at most 2 launches: sum(dz) and sum(dz * xhat) are reduced once (partials +
+    the in-kernel merge) and give db, dw and dx's two mean terms."""
+    _check_args(x, stats, act)
+    _require_triton(x)
+    x = _dense(x)
+    dy = _dense(dy)
+    N, C, H, W = x.shape
+    L = H * W
+    dx = _empty_like(x)
+    if x.numel() == 0:
+        z = torch.zeros(C, dtype=torch.float32, device=x.device)
+        return dx, z, z.clone()
+    bc, bl, chunk, n_chunks, nw = _config(x, stats)
+    cb = triton.cdiv(C, bc)
+    w_ = weight if weight is not None else x
+    b_ = bias if bias is not None else x
+    per_sample = stats == "instance"
+    flags = dict(PER_SAMPLE=per_sample, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTS[act],
+                 BLOCK_C=bc, BLOCK_L=bl, num_warps=nw)
+    strides = (*_nlc_strides(dy), *_nlc_strides(x), *_nlc_strides(dx))
+    ps1 = _empty((N * n_chunks, C), torch.float32, x.device)
+    ps2 = _empty((N * n_chunks, C), torch.float32, x.device)
+    dw = _empty((C,), torch.float32, x.device)
+    db = _empty((C,), torch.float32, x.device)
+    mode = 1 if stats == "running" else 2 if (per_sample and n_chunks == 1) else 0
+    if per_sample and mode == 0:
+        s1, s2 = _empty((N, C), torch.float32, x.device), _empty((N, C), torch.float32, x.device)
+    else:
+        s1, s2 = db, dw
+    counters = torch.zeros(cb, dtype=torch.int32, device=x.device)
+    with _device_ctx(x):
+        _launch(_bwd_reduce2_kernel, _wrap)[(n_chunks, N, cb)](
+            dy, x, dx, w_, b_, mean, var, ps1, ps2, s1, s2, dw, db, counters, C, L, *strides, chunk, n_chunks, N, eps,
+            slope, MODE=mode, BLOCK_P=_block_p(n_chunks if mode == 0 and per_sample else N * n_chunks, bc), **flags)
+        if mode == 0:
+            total = float(L if per_sample else N * L)
+            _launch(_bwd_apply_kernel, _wrap)[(n_chunks, N, cb)](
+                dy, x, dx, w_, b_, mean, var, s1, s2, C, L, *strides, chunk, total, eps, slope, **flags)
+    return dx, dw, db
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Custom ops: fastp2p::norm_act_fwd / fastp2p::norm_act_bwd (opaque custom_op; default) and the triton_op variants
 # ---------------------------------------------------------------------------------------------------------------------
@@ -575,6 +915,98 @@ if triton is not None:
     _backward, _setup = _make_autograd(torch.ops.fastp2p.norm_act_bwd_t)
     norm_act_fwd_t.register_autograd(_backward, setup_context=_setup)
     REGISTRATIONS["triton_op"] = torch.ops.fastp2p.norm_act_fwd_t
+
+
+# v2 ops: fastp2p::norm_act_fwd2 updates the running statistics in place (declared in mutates_args, so compile
+# functionalizes it), fastp2p::norm_act_bwd2 has norm_act_bwd's signature. Same outputs as v1.
+def _fwd2_fake(x, weight, bias, mean_in, var_in, running_mean, running_var, num_batches_tracked, stats, act, eps,
+               slope, momentum, cumulative):
+    return _fwd_fake(x, weight, bias, mean_in, var_in, stats, act, eps, slope)
+
+
+_MUTATED = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@torch.library.custom_op("fastp2p::norm_act_fwd2", mutates_args=_MUTATED)
+def norm_act_fwd2(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean_in: Tensor | None,
+                  var_in: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
+                  num_batches_tracked: Tensor | None, stats: str, act: str, eps: float, slope: float, momentum: float,
+                  cumulative: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return norm_act_forward_v2(x, weight, bias, mean_in, var_in, running_mean, running_var, num_batches_tracked,
+                               stats, act, eps, slope, momentum, cumulative)
+
+
+@torch.library.custom_op("fastp2p::norm_act_bwd2", mutates_args=())
+def norm_act_bwd2(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+                  stats: str, act: str, eps: float, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    return norm_act_backward_v2(dy, x, weight, bias, mean, var, stats, act, eps, slope)
+
+
+norm_act_fwd2.register_fake(_fwd2_fake)
+norm_act_bwd2.register_fake(_bwd_fake)
+
+if triton is not None:
+
+    @torch.library.triton_op("fastp2p::norm_act_fwd2_t", mutates_args=_MUTATED)
+    def norm_act_fwd2_t(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean_in: Tensor | None,
+                        var_in: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
+                        num_batches_tracked: Tensor | None, stats: str, act: str, eps: float, slope: float,
+                        momentum: float, cumulative: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return norm_act_forward_v2(x, weight, bias, mean_in, var_in, running_mean, running_var, num_batches_tracked,
+                                   stats, act, eps, slope, momentum, cumulative, _wrap=True)
+
+    @torch.library.triton_op("fastp2p::norm_act_bwd2_t", mutates_args=())
+    def norm_act_bwd2_t(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                        var: Tensor, stats: str, act: str, eps: float, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+        return norm_act_backward_v2(dy, x, weight, bias, mean, var, stats, act, eps, slope, _wrap=True)
+
+
+def _autograd2(fwd_op, bwd_op, name: str):
+    """The differentiable v2 forward: an autograd.Function around the mutating op (torch.library cannot attach a
+    formula to a mutating op; dynamo traces a Function whole, so fullgraph compile still holds)."""
+
+    def forward(ctx, x, weight, bias, mean_in, var_in, running_mean, running_var, num_batches_tracked, stats, act,
+                eps, slope, momentum, cumulative):
+        y, mean, var = fwd_op(x, weight, bias, mean_in, var_in, running_mean, running_var, num_batches_tracked,
+                              stats, act, eps, slope, momentum, cumulative)
+        ctx.save_for_backward(x, weight, bias, mean, var)
+        ctx.conf = (stats, act, eps, slope)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, bias, mean, var = ctx.saved_tensors
+        dx, dw, db = bwd_op(dy, x, weight, bias, mean, var, *ctx.conf)
+        dw = dw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        return (dx if ctx.needs_input_grad[0] else None, dw, db) + (None,) * 11
+
+    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    return fn.apply
+
+
+# (registration -> differentiable forward) per implementation; FusedNormAct picks by its ``variant``.
+REGISTRATIONS_V2 = {"custom_op": _autograd2(torch.ops.fastp2p.norm_act_fwd2, torch.ops.fastp2p.norm_act_bwd2,
+                                            "NormAct2")}
+if triton is not None:
+    REGISTRATIONS_V2["triton_op"] = _autograd2(torch.ops.fastp2p.norm_act_fwd2_t, torch.ops.fastp2p.norm_act_bwd2_t,
+                                               "NormAct2TritonOp")
+VARIANTS = ("v1", "v2")
+
+
+def default_variant() -> str:
+    """The implementation FusedNormAct uses unless given ``variant=``: ``FASTP2P_NORM_ACT_IMPL`` (read when a module
+    is built), else v2 in the Triton interpreter (where its tests run) and v1 on a real GPU. v2 (2 launches each way,
+    running statistics updated on the device) relies on a last-program-merges ticket whose memory ordering the
+    interpreter, which runs programs one after another, cannot exercise: it becomes the GPU default once bench/gpu.sh's
+    exactness rung has passed on one (``FASTP2P_NORM_ACT_IMPL=v2`` selects it before that); bench/kernels.py times
+    both."""
+    v = os.environ.get("FASTP2P_NORM_ACT_IMPL", "") or ("v2" if _interpreting() else "v1")
+    if v not in VARIANTS:
+        from fastp2p.errors import UserError
+
+        raise UserError(f"FASTP2P_NORM_ACT_IMPL={v!r}: use v1 or v2 (unset: v2 in the interpreter, v1 on a GPU)")
+    return v
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -650,12 +1082,13 @@ class FusedNormAct(nn.Module):
 
     backend: ``"triton"`` (the fused kernels through ``registration``'s op) or ``"torch"`` (PyTorch's own
     ``F.batch_norm`` / ``F.instance_norm`` + activation: bit-identical to the unfused layers, plus channels-last kept).
+    variant: the Triton implementation, ``"v1"`` or ``"v2"`` (default: see ``default_variant``).
     """
 
     _version = 2  # the version of _NormBase's state dict, so checkpoints move freely between fused and unfused
 
     def __init__(self, norm: nn.Module, act: str = "none", slope: float = 0.2, backend: str = "triton",
-                 registration: str = "custom_op"):
+                 registration: str = "custom_op", variant: str | None = None):
         super().__init__()
         kind = norm_kind(norm)
         if kind is None:
@@ -674,11 +1107,12 @@ class FusedNormAct(nn.Module):
         for name, b in norm._buffers.items():
             self.register_buffer(name, b, persistent=name not in norm._non_persistent_buffers_set)
         self.train(norm.training)
-        self.set_backend(backend, registration)
+        self.set_backend(backend, registration, variant)
         # The replaced modules, kept outside the module tree (no keys) for ``remove_fused_kernels``.
         self._replaced: tuple = (norm, None)
 
-    def set_backend(self, backend: str, registration: str | None = None) -> "FusedNormAct":
+    def set_backend(self, backend: str, registration: str | None = None,
+                    variant: str | None = None) -> "FusedNormAct":
         if backend not in ("triton", "torch"):
             raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
         if backend == "triton" and triton is None:
@@ -686,12 +1120,16 @@ class FusedNormAct(nn.Module):
         registration = registration or getattr(self, "registration", "custom_op")
         if registration not in ("custom_op", "triton_op"):
             raise ValueError(f"registration must be 'custom_op' or 'triton_op', got {registration!r}")
-        self.backend, self.registration = backend, registration
+        variant = variant or getattr(self, "variant", None) or default_variant()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        self.backend, self.registration, self.variant = backend, registration, variant
         return self
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, kind={self.kind}, act={self.act}" + (f", slope={self.slope}" if
-                self.act == "leaky_relu" else "") + f", eps={self.eps}, backend={self.backend}")
+                self.act == "leaky_relu" else "") + f", eps={self.eps}, backend={self.backend}"
+                + (f", variant={self.variant}" if self.backend == "triton" else ""))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -731,6 +1169,8 @@ class FusedNormAct(nn.Module):
             raise ValueError(f"Expected more than 1 spatial element when training, got input size {tuple(x.shape)}")
         if self.backend == "torch":
             return self._forward_torch(x, stats)
+        if self.variant == "v2":
+            return self._forward_v2(x, stats, update)
         factor = self._momentum() if update else 0.0
         y, mean, var = REGISTRATIONS[self.registration](
             x, self.weight, self.bias, self.running_mean if stats == "running" else None,
@@ -741,6 +1181,20 @@ class FusedNormAct(nn.Module):
                 rm, rv = self.running_mean, self.running_var
                 rm.copy_(mean * factor + rm * (1.0 - factor))
                 rv.copy_(var * (factor * m / (m - 1)) + rv * (1.0 - factor))
+        return y
+
+    def _forward_v2(self, x: Tensor, stats: str, update: bool) -> Tensor:
+        # One op call: the kernels update the running statistics and num_batches_tracked on the device, and
+        # momentum=None's factor 1 / num_batches_tracked is read there too (no host sync, no extra torch ops).
+        running = stats == "running"
+        rm = self.running_mean if update else None
+        rv = self.running_var if update else None
+        nbt = self.num_batches_tracked if update else None
+        momentum = 0.0 if self.momentum is None else float(self.momentum)
+        y, _mean, _var = REGISTRATIONS_V2[self.registration](
+            x, self.weight, self.bias, self.running_mean if running else None,
+            self.running_var if running else None, rm, rv, nbt, stats, self.act, self.eps, self.slope, momentum,
+            self.momentum is None and nbt is not None)
         return y
 
     def _forward_torch(self, x: Tensor, stats: str) -> Tensor:
@@ -779,9 +1233,10 @@ def _act_of(m: nn.Module) -> tuple[str, float] | None:
     return None
 
 
-def _fuse(norm: nn.Module, act_mod: nn.Module | None, backend: str, registration: str) -> FusedNormAct:
+def _fuse(norm: nn.Module, act_mod: nn.Module | None, backend: str, registration: str,
+          variant: str | None = None) -> FusedNormAct:
     act, slope = _act_of(act_mod) if act_mod is not None else ("none", 0.2)
-    f = FusedNormAct(norm, act, slope, backend, registration)
+    f = FusedNormAct(norm, act, slope, backend, registration, variant)
     f._replaced = (norm, act_mod)
     return f
 
@@ -792,7 +1247,7 @@ PAIRED_LISTS = (("down_norm", "down_act"),)
 
 
 def apply_fused_kernels(model: nn.Module, backend: str = "triton", *, registration: str = "custom_op",
-                        norms_alone: bool = True) -> nn.Module:
+                        norms_alone: bool = True, variant: str | None = None) -> nn.Module:
     """Swap norm + activation pairs for ``FusedNormAct`` in place; returns ``model``. State-dict keys do not change.
 
     - ``nn.Sequential`` ``[..., norm, LeakyReLU | ReLU, ...]`` -> ``[..., FusedNormAct(act), Identity, ...]`` (indices
@@ -801,7 +1256,8 @@ def apply_fused_kernels(model: nn.Module, backend: str = "triton", *, registrati
       ``down_act[i]``, which becomes ``Identity``.
     - ``norms_alone``: every other supported norm becomes ``FusedNormAct(act="none")`` (the U-Net's ``up_norm`` and,
       while its LeakyReLU is functional, ``down_norm``).
-    - Already fused modules switch to ``backend``/``registration`` (so calling it again is how to switch backends).
+    - Already fused modules switch to ``backend``/``registration`` (so calling it again is how to switch backends),
+      and to ``variant`` when given (``None``: new modules take ``default_variant()``, fused ones keep theirs).
 
     Apply it after ``fastp2p.models.init_weights`` and after ``fastp2p.inference.with_mode`` (both look for
     ``nn.BatchNorm2d``), before ``torch.compile``; undo it with ``remove_fused_kernels`` (e.g. before ONNX export).
@@ -815,21 +1271,21 @@ def apply_fused_kernels(model: nn.Module, backend: str = "triton", *, registrati
             mods = list(parent)
             for i in range(len(mods) - 1):
                 if norm_kind(mods[i]) and _act_of(mods[i + 1]):
-                    parent[i] = _fuse(mods[i], mods[i + 1], backend, registration)
+                    parent[i] = _fuse(mods[i], mods[i + 1], backend, registration, variant)
                     parent[i + 1] = nn.Identity()
         for norm_name, act_name in PAIRED_LISTS:
             norms, acts = getattr(parent, norm_name, None), getattr(parent, act_name, None)
             if isinstance(norms, nn.ModuleList) and isinstance(acts, nn.ModuleList) and len(norms) == len(acts):
                 for i in range(len(norms)):
                     if norm_kind(norms[i]) and _act_of(acts[i]):
-                        norms[i] = _fuse(norms[i], acts[i], backend, registration)
+                        norms[i] = _fuse(norms[i], acts[i], backend, registration, variant)
                         acts[i] = nn.Identity()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, FusedNormAct):
-                child.set_backend(backend, registration)
+                child.set_backend(backend, registration, variant)
             elif norms_alone and norm_kind(child):
-                setattr(parent, name, _fuse(child, None, backend, registration))
+                setattr(parent, name, _fuse(child, None, backend, registration, variant))
     return model
 
 

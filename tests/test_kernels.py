@@ -59,8 +59,11 @@ def _inputs(shape, dtype, fmt, offset=0.0):
     return x, dy, w, b, rm, rv
 
 
-def _run_op(x, dy, w, b, rm, rv, stats, act, registration="custom_op"):
+def _run_op(x, dy, w, b, rm, rv, stats, act, registration="custom_op", variant="v1"):
     op = na.REGISTRATIONS[registration]
+    if variant == "v2":  # same outputs; the extra arguments (running statistics to update) are left out here
+        def op(x, w, b, m, v, *conf, _op=na.REGISTRATIONS_V2[registration]):
+            return _op(x, w, b, m, v, None, None, None, *conf, 0.1, False)
     x = x.detach().clone().requires_grad_(True)  # clone keeps the memory format
     w = None if w is None else w.detach().clone().requires_grad_(True)
     b = None if b is None else b.detach().clone().requires_grad_(True)
@@ -81,11 +84,11 @@ def _run_ref(x, dy, w, b, rm, rv, stats, act):
 
 
 def _check(shape, stats, act, dtype=torch.float32, fmt=torch.contiguous_format, affine=True, offset=0.0,
-           registration="custom_op"):
+           registration="custom_op", variant="v1"):
     x, dy, w, b, rm, rv = _inputs(shape, dtype, fmt, offset)
     if not affine:
         w = b = None
-    got = _run_op(x, dy, w, b, rm, rv, stats, act, registration)
+    got = _run_op(x, dy, w, b, rm, rv, stats, act, registration, variant)
     ref = _run_ref(x, dy, w, b, rm, rv, stats, act)
     names = ("y", "mean", "var", "dx", "dweight", "dbias")
     for name, g, r in zip(names, got, ref, strict=True):
@@ -112,11 +115,20 @@ def test_edge_shapes_fp32(shape, stats, act, fmt):
 
 
 @needs_triton
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_edge_shapes_fp32_v2_batch(shape, fmt):
+    """v2's in-kernel merges (forward statistics, backward sums) at the edge shapes, batch statistics."""
+    _check(shape, "batch", "leaky_relu", fmt=fmt, variant="v2")
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["v1", "v2"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 @pytest.mark.parametrize("act", ["none", "relu", "leaky_relu"])
 @pytest.mark.parametrize("stats", ["batch", "instance", "running"])
-def test_every_activation_and_mode(stats, act, affine):
-    _check((2, 6, 5, 3), stats, act, affine=affine, fmt=CL if affine else torch.contiguous_format)
+def test_every_activation_and_mode(stats, act, affine, variant):
+    _check((2, 6, 5, 3), stats, act, affine=affine, fmt=CL if affine else torch.contiguous_format, variant=variant)
 
 
 @needs_triton
@@ -128,19 +140,21 @@ def test_half_storage_fp32_accumulation(stats, dtype, fmt):
 
 
 @needs_triton
+@pytest.mark.parametrize("variant", ["v1", "v2"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("stats", ["batch", "instance"])
-def test_multi_chunk_paths(stats, fmt):
+def test_multi_chunk_paths(stats, fmt, variant):
     """Partial statistics + merge + apply (forward) and partial sums + apply (backward), which the interpreter's
     default one-chunk-per-sample config skips: force several chunks, with a ragged last one and partial channel
     blocks."""
     with na.override_config(chunk=8, block_l=4, block_c=4):
-        _check((2, 6, 5, 5), stats, "leaky_relu", fmt=fmt)
+        _check((2, 6, 5, 5), stats, "leaky_relu", fmt=fmt, variant=variant)
 
 
 @needs_triton
+@pytest.mark.parametrize("variant", ["v1", "v2"])
 @pytest.mark.parametrize("chunk", [None, 1024], ids=["one-chunk", "chunks-of-1024"])
-def test_statistics_stable_for_large_hw_and_mean(chunk):
+def test_statistics_stable_for_large_hw_and_mean(chunk, variant):
     """Mean 1000, std 1, 16384 positions per channel: E[x^2] - E[x]^2 in fp32 would lose the variance (~6% error);
     the tile-wise two-pass + Chan merge keeps it to fp32 rounding of the mean."""
     shape = (1, 4, 128, 128)
@@ -148,7 +162,11 @@ def test_statistics_stable_for_large_hw_and_mean(chunk):
     cfg = {} if chunk is None else {"chunk": chunk}
     with na.poisoned_outputs(), na.override_config(**cfg):
         for stats in ("instance", "batch"):
-            y, mean, var = torch.ops.fastp2p.norm_act_fwd(x, None, None, None, None, stats, "none", 1e-5, 0.2)
+            if variant == "v1":
+                y, mean, var = torch.ops.fastp2p.norm_act_fwd(x, None, None, None, None, stats, "none", 1e-5, 0.2)
+            else:
+                y, mean, var = torch.ops.fastp2p.norm_act_fwd2(x, None, None, None, None, None, None, None, stats,
+                                                               "none", 1e-5, 0.2, 0.1, False)
             yr, mr, vr = norm_act_reference(x.double(), stats=stats)
             assert _err(var, vr) < 1e-4
             assert (mean.double() - mr).abs().max() < 1e-3
@@ -173,8 +191,9 @@ def test_gradient_in_the_other_memory_format_and_strided_input():
 
 
 @needs_triton
-def test_triton_op_registration_eager():
-    got = _check((2, 6, 4, 3), "batch", "leaky_relu", fmt=CL, registration="triton_op")
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_triton_op_registration_eager(variant):
+    got = _check((2, 6, 4, 3), "batch", "leaky_relu", fmt=CL, registration="triton_op", variant=variant)
     assert got[0] is not None
 
 
@@ -184,6 +203,20 @@ def test_opcheck_custom_op():
     w = torch.randn(4, device=DEVICE, requires_grad=True)
     b = torch.randn(4, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.fastp2p.norm_act_fwd, (x, w, b, None, None, "batch", "leaky_relu", 1e-5, 0.2))
+
+
+@needs_triton
+def test_opcheck_v2_ops():
+    """fwd2 mutates the running statistics it is given (schema, fake and functionalization checks); bwd2 is pure."""
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    w, b = torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE)
+    rm, rv = torch.zeros(4, device=DEVICE), torch.ones(4, device=DEVICE)
+    nbt = torch.zeros((), dtype=torch.long, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastp2p.norm_act_fwd2,
+                          (x, w, b, None, None, rm, rv, nbt, "batch", "leaky_relu", 1e-5, 0.2, 0.0, True))
+    _, mean, var = torch.ops.fastp2p.norm_act_fwd(x, w, b, None, None, "batch", "leaky_relu", 1e-5, 0.2)
+    torch.library.opcheck(torch.ops.fastp2p.norm_act_bwd2,
+                          (torch.randn_like(x), x, w, b, mean, var, "batch", "leaky_relu", 1e-5, 0.2))
 
 
 # -- the module ------------------------------------------------------------------------------------------------------
