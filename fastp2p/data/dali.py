@@ -1,14 +1,14 @@
 """NVIDIA DALI loader: the reference pix2pix preprocessing as a DALI graph, on the GPU (``device='mixed'`` decode,
 nvJPEG with the hardware decoder) or on CPU threads (``device_id=None``), behind the ``PairLoader`` contract.
 
-Graph (one pipeline per epoch, see "Epochs"):
+Graph (one pipeline for every epoch, see "Epochs"):
 
-    fn.readers.file (name "Reader"; files in this epoch's order; shard_id/num_shards; pad_last_batch)
-      -> fn.decoders.image (mixed on CUDA, cpu otherwise) -> exact halves (aligned A|B: fn.slice at rel 0 / 0.5 of an
-      even width; two folders: a second reader over B/ in the same order) -> [grayscale] -> fn.resize (cubic,
-      antialiased) -> fn.slice (crop, zero padding past the border) -> fn.crop_mirror_normalize (mirror, [-1, 1],
-      fp32/fp16, HWC or CHW)
-    fn.external_source: per-sample (resize h, w, crop y, x, h, w, flip), ONE vector per pair feeding both halves.
+    fn.external_source (one callable, per batch): file path(s) as UTF-8 bytes, the per-sample plan (resize h, w, crop
+      y, x, h, w, flip: ONE vector per pair feeding both halves) and the file index as a label
+    path -> fn.io.file.read -> fn.decoders.image (mixed on CUDA, cpu otherwise) -> exact halves (aligned A|B: fn.slice
+      at rel 0 / 0.5 of an even width; two folders: a second path, read and decoded the same way) -> [grayscale] ->
+      fn.resize (cubic, antialiased) -> fn.slice (crop, zero padding past the border) -> fn.crop_mirror_normalize
+      (mirror, [-1, 1], fp32/fp16, HWC or CHW)
 
 The per-pair numbers come from the torch path's own ``get_params`` draw (``random.Random(derive_seed(seed, epoch,
 index))``) through ``plan.item_plan``, so for a (seed, epoch) this loader yields the same pairs, crops and flips as
@@ -17,27 +17,43 @@ uint8 levels, see tests/test_dali.py). Crop and flip are not drawn with DALI's r
 from (seed, epoch, index) makes ``--resume`` exact and the backends interchangeable.
 
 Output. ``channels_last=True``: HWC batches viewed as channels-last NCHW tensors (``permute``, no copy); otherwise the
-graph writes CHW and the tensor is plain NCHW (also no copy). The DALI buffer reaches torch through DLPack (zero-copy,
-on the GPU ordered on torch's current stream by the DLPack stream handshake). dtype: fp32 or fp16 straight from the
-graph; bf16 (which DALI does not produce) is one conversion from fp32.
+graph writes CHW and the tensor is plain NCHW (also no copy). dtype: fp32 or fp16 straight from the graph; bf16
+(which DALI does not produce) is one conversion from fp32.
 
-**A batch is only guaranteed valid until the next one is requested** (DALI may recycle its buffers): use it within the
-step, and ``.clone()`` anything kept longer. (With DALI's default dynamic executor the DLPack view keeps the buffer
-alive, but that is DALI's implementation, not this contract.) ``fastp2p.train.fit`` keeps no batch across steps.
+Stream handover (GPU). ``pipe.run(torch.cuda.current_stream())`` binds the outputs to torch's stream (DALI orders
+them on it; without a stream ``run`` host-synchronizes every batch), and each output is then copied into a tensor
+torch allocated, on that same stream, with DALI's ``feed_ndarray(..., cuda_stream=torch.cuda.current_stream())`` (the
+pattern of DALI's own PyTorch iterator; DALI keeps the source buffer until that non-blocking copy has run). Chosen
+over a zero-copy DLPack view because the view's memory belongs to DALI: when torch drops it, DALI can hand the
+buffer to a later iteration on its own stream while torch kernels reading it are still queued on torch's stream,
+and torch cannot ``record_stream`` foreign memory; a copy makes the batch torch's, freed in torch's stream order.
+Cost: one device copy of A and B (batch 64 at 256x256 fp32: 2 x 50 MB, an estimated ~50 us on an H100/H200 against
+a training step of several ms; not measured: no DALI on the GPU machine so far). On the CPU there are no streams and
+the batch stays a zero-copy DLPack view of DALI's buffer.
+
+**On the CPU a batch is only guaranteed valid until the next one is requested** (DALI may recycle its buffers): use
+it within the step, and ``.clone()`` anything kept longer. (With DALI's default dynamic executor the DLPack view
+keeps the buffer alive, but that is DALI's implementation, not this contract.) On the GPU batches are torch's own
+tensors (valid indefinitely). ``fastp2p.train.fit`` keeps no batch across steps.
 
 Epochs. The shard's pairs of epoch ``e`` are ``plan.epoch_slice`` (the torch loader's order; with several shards
 each gets ``ceil(n / num_shards)`` pairs). ``len(loader)`` = ``ceil(pairs / batch_size)``; the last batch is partial
-(the reader pads it by repeating its last sample, and the padding is cut off here), unless ``drop_last``, where
-``floor`` batches are yielded and the remainder is not read. A fresh pipeline is built per epoch (a few ms on a CPU),
-so each epoch is a pure function of (files, config, seed, epoch), independent of what ran before; ``epoch(e,
-start=k)`` builds it from batch ``k`` on and reads nothing before it.
+(the external source feeds a smaller batch), unless ``drop_last``, where ``floor`` batches are yielded and the
+remainder is not read. The pipeline is built once and reused by every epoch (building it initializes nvJPEG and the
+decoders): the order lives in what the external source is fed, not in a reader, so an epoch ends when its inputs
+run out (StopIteration from the source) and ``pipe.reset()`` rearms the pipeline for the next one. The graph has no
+random operators and no state across iterations, so each epoch is still a pure function of (files, config, seed,
+epoch), equal to what a freshly built pipeline gives (tested); ``epoch(e, start=k)`` feeds batches ``k..`` only and
+reads nothing before them. An epoch abandoned midway (``max_steps``, an exception in the step) leaves at most
+``prefetch`` batches scheduled in DALI: the next ``batches()`` call runs and drops them before starting its own.
 
 Bad input. DALI fails a whole pipeline on an undecodable file, sometimes naming it and sometimes not ("nvImageCodec
 failure"). On a failure the files of the batches in flight are decoded with PIL to name the culprit: a one-line
 ``DataError`` naming the file, or with ``skip_bad`` the file is recorded in ``bad_files`` (warning, logger
-``fastp2p.data``) and replaced by the next good pair (as the torch dataset does), and a new pipeline continues the
-epoch at the same batch. Never a hang: the failure is synchronous in ``run()``. Unlike PIL, DALI's decoders accept
-some corrupt JPEGs with only a warning (e.g. damaged entropy-coded data decodes to gray blocks); those are not caught.
+``fastp2p.data``) and replaced by the next good pair (as the torch dataset does), and a new pipeline (the only
+rebuild: DALI's pipeline is unusable after a failure) continues the epoch at the same batch. Never a hang: the
+failure is raised by ``run()``. Unlike PIL, DALI's decoders accept some corrupt JPEGs with only a warning (e.g.
+damaged entropy-coded data decodes to gray blocks); those are not caught.
 """
 
 from __future__ import annotations
@@ -86,6 +102,24 @@ class _PipelineFailed(Exception):
         self.cause = cause
 
 
+class _Feed:
+    """The external source's callable: each call hands DALI the next batch of the epoch in flight; StopIteration
+    (the epoch's inputs exhausted, or ``stop()``) ends the epoch on DALI's side."""
+
+    def __init__(self):
+        self._inputs = iter(())
+        self.active = False  # an epoch started and not yet ended with reset()
+
+    def start(self, inputs) -> None:
+        self._inputs, self.active = iter(inputs), True
+
+    def stop(self) -> None:
+        self._inputs = iter(())
+
+    def __call__(self):
+        return next(self._inputs)
+
+
 class DaliLoader(EpochLoader):
     """DALI-backed loader with the ``PairLoader`` contract (module docstring: output, epochs, bad input)."""
 
@@ -119,6 +153,8 @@ class DaliLoader(EpochLoader):
         self._bad: dict[int, BadFile] = {}  # dataset index -> (path, problem), found by this loader
         self._sizes: dict[int, tuple[int, int]] = {}
         self._pipe = None
+        self._feed = _Feed()
+        self._names: dict[tuple[int, int], np.ndarray] = {}
         n = len(dataset)
         self._per_shard = len(epoch_slice(n, 0, 0, False, shard_id, num_shards))
 
@@ -132,31 +168,79 @@ class DaliLoader(EpochLoader):
     def close(self) -> None:
         """Drop the DALI pipeline (stops its threads and frees its buffers)."""
         self._pipe = None
+        self._feed.active = False
+
+    # -- one pipeline, many epochs -------------------------------------------------------------------------------------
+    def _idle_pipeline(self):
+        """The pipeline, built on first use, with no epoch in flight (an epoch abandoned midway is drained first)."""
+        if self._pipe is not None and self._feed.active:
+            self._end_epoch()
+        if self._pipe is None:
+            self._pipe = self._build()
+        return self._pipe
+
+    def _end_epoch(self) -> None:
+        """End the epoch in flight: the feed stops, the batches DALI already scheduled (at most ``prefetch``) are
+        run and dropped, and ``reset()`` rearms the pipeline (its next ``run`` prefetches the next epoch)."""
+        self._feed.stop()
+        try:
+            while True:
+                self._run(self._pipe)
+        except StopIteration:
+            self._pipe.reset()
+        except RuntimeError:  # a bad file among the dropped batches: the next epoch builds a fresh pipeline
+            self._pipe = None
+        self._feed.active = False
+
+    def _run(self, pipe):
+        if self.device.type == "cuda":
+            # Outputs bound to torch's current stream: DALI orders them on it, and the host does not wait for the GPU
+            # (without a stream, run() returns host-synchronized outputs: one full GPU sync per batch).
+            return pipe.run(torch.cuda.current_stream(self.device))
+        return pipe.run()
+
+    def _epoch_inputs(self, files_idx: list[tuple[int, int]], plans: list[np.ndarray], k: int, nb: int):
+        """Per batch ``k..nb-1``: the external source's outputs (file names [A], [B], plans, labels)."""
+        bs = self.batch_size
+        for b in range(k, nb):
+            files = [j for _, j in files_idx[b * bs:(b + 1) * bs]]
+            names = [[self._name(j, side) for j in files] for side in ((0, 1) if self.folders else (0,))]
+            yield (*names, plans[b * bs:b * bs + len(files)], [np.array([j], dtype=np.int32) for j in files])
+
+    def _name(self, j: int, side: int) -> np.ndarray:
+        """File ``j``'s path (side 1: the B file of two folders) as the UTF-8 bytes ``fn.io.file.read`` takes."""
+        if (j, side) not in self._names:
+            path = self.dataset.pairs[j][side] if self.folders else self.dataset.paths[j]
+            self._names[(j, side)] = np.frombuffer(str(path).encode("utf-8"), dtype=np.uint8)
+        return self._names[(j, side)]
 
     def batches(self, epoch: int | None = None, start: int = 0) -> Iterator[Batch]:
         epoch = self.next_epoch if epoch is None else int(epoch)
         nb = len(self)
         if not 0 <= start <= nb:
             raise ValueError(f"start batch {start} outside 0..{nb} (batches per epoch)")
-        k = start
+        bs, k = self.batch_size, start
         while k < nb:
             files_idx = self._files(epoch)
             plans = self._plans(epoch, files_idx)
             try:
-                expected = self._build(epoch, files_idx, plans, k)
+                pipe = self._idle_pipeline()
+                self._feed.start(self._epoch_inputs(files_idx, plans, k, nb))
                 while k < nb:
                     try:
-                        outs = self._pipe.run()
+                        outs = self._run(pipe)
+                    except StopIteration:  # the feed holds exactly nb - start batches: never before the end
+                        raise RuntimeError("DALI ended the epoch early: fewer batches than planned") from None
                     except RuntimeError as e:  # DALI's pipeline failure (the pipeline is unusable after it)
                         raise _PipelineFailed(e) from e
-                    m = min(self.batch_size, len(files_idx) - k * self.batch_size)
-                    yield self._to_batch(outs, expected[:self.batch_size], m)
-                    expected = expected[self.batch_size:]
+                    chunk = [j for _, j in files_idx[k * bs:(k + 1) * bs]]
+                    yield self._to_batch(outs, chunk, len(chunk))
                     k += 1
             except _PipelineFailed as f:
                 self._pipe = None
                 self._on_failure(f.cause, files_idx, k)  # raises DataError, or records the bad file(s)
-        self._pipe = None
+        if self._pipe is not None:
+            self._end_epoch()  # nothing in flight: StopIteration at once, then reset for the next epoch
 
     # -- epoch content -------------------------------------------------------------------------------------------------
     def _files(self, epoch: int) -> list[tuple[int, int]]:
@@ -180,62 +264,37 @@ class DaliLoader(EpochLoader):
         return out
 
     # -- the DALI graph ----------------------------------------------------------------------------------------------
-    def _build(self, epoch: int, files_idx: list[tuple[int, int]], plans: list[np.ndarray], k: int) -> list[int]:
-        """Build the pipeline reading this shard's positions from batch ``k`` on; returns the file index expected
-        per sample (the reader's labels are checked against it)."""
+    def _build(self):
+        """The DALI graph, for every epoch: file names, plans and labels come from ``self._feed`` per batch."""
         from nvidia.dali import fn, types
         from nvidia.dali.pipeline import Pipeline
 
-        bs = self.batch_size
-        mine = [j for _, j in files_idx]
-        if k == 0 and self.num_shards > 1:
-            # Every shard's list, concatenated: DALI's reader gives shard s the s-th equal contiguous slice of it, i.e.
-            # exactly epoch_slice(s) (the torch loader's strided shard); the label check in _to_batch enforces it.
-            n = len(self.dataset)
-            everyone = [next_good(i, self._bad, n) if self._bad else i
-                        for s in range(self.num_shards)
-                        for i in epoch_slice(n, self.seed, epoch, self.shuffle, s, self.num_shards)]
-            files, shard = everyone, (self.shard_id, self.num_shards)
-        else:
-            files, shard = mine[k * bs:], (0, 1)
-        plans = plans[k * bs:]
-        expected = mine[k * bs:]
-        pad = (-len(plans)) % bs  # pad_last_batch repeats the last sample; the params repeat with it
-        plans = plans + [plans[-1]] * pad
-
-        def source(info):
-            it = info.iteration % (len(plans) // bs)  # prefetching may ask past the end: those batches are unused
-            return plans[it * bs:(it + 1) * bs]
-
         gpu = self.device.type == "cuda"
         cfg = self.cfg
-        pipe = Pipeline(batch_size=bs, num_threads=self.num_threads,
-                        device_id=(self.device.index or 0) if gpu else None,
+        # exec_dynamic (DALI's default execution model, named here because run(stream) and DLPack lifetimes need it).
+        pipe = Pipeline(batch_size=self.batch_size, num_threads=self.num_threads,
+                        device_id=(self.device.index or 0) if gpu else None, exec_dynamic=True,
                         prefetch_queue_depth=self.prefetch, seed=derive_seed(self.seed, -2))
-        paths_a = [self.dataset.pairs[j][0] if self.folders else self.dataset.paths[j] for j in files]
+        sides = 2 if self.folders else 1
         with pipe:
-            reader = {"random_shuffle": False, "pad_last_batch": True, "shard_id": shard[0], "num_shards": shard[1]}
-            jpeg, label = fn.readers.file(files=paths_a, labels=list(files), name="Reader", **reader)
+            *names, plan, label = fn.external_source(
+                source=self._feed, num_outputs=sides + 2, batch=True, dtype=[types.UINT8] * sides + [types.INT32] * 2,
+                ndim=[1] * (sides + 2))
             decode = {"device": "mixed" if gpu else "cpu", "output_type": types.RGB}
             if gpu:
                 decode["hw_decoder_load"] = HW_DECODER_LOAD
-            img = fn.decoders.image(jpeg, **decode)
+            imgs = [fn.decoders.image(fn.io.file.read(name), **decode) for name in names]
             if self.folders:
-                jpeg_b, label_b = fn.readers.file(files=[self.dataset.pairs[j][1] for j in files], labels=list(files),
-                                                  name="ReaderB", **reader)
-                a, b = img, fn.decoders.image(jpeg_b, **decode)
+                a, b = imgs
             else:  # the reference's split at int(w / 2) of an even width (odd widths are rejected by the dataset)
-                label_b = label
-                a = fn.slice(img, rel_start=[0.0, 0.0], rel_shape=[1.0, 0.5], axis_names="HW")
-                b = fn.slice(img, rel_start=[0.0, 0.5], rel_shape=[1.0, 0.5], axis_names="HW")
+                a = fn.slice(imgs[0], rel_start=[0.0, 0.0], rel_shape=[1.0, 0.5], axis_names="HW")
+                b = fn.slice(imgs[0], rel_start=[0.0, 0.5], rel_shape=[1.0, 0.5], axis_names="HW")
             src, tgt = (b, a) if cfg.direction == "BtoA" else (a, b)
-            plan = fn.external_source(source=source, batch=True, batch_info=True, dtype=types.INT32, ndim=1)
             outs = [self._augment(x, plan, nc, fn, types)
                     for x, nc in ((src, self.dataset.input_nc), (tgt, self.dataset.output_nc))]
-            pipe.set_outputs(*outs, label, label_b)
+            pipe.set_outputs(*outs, label)
         pipe.build()
-        self._pipe = pipe
-        return expected
+        return pipe
 
     def _augment(self, x, plan, nc: int, fn, types):
         cfg = self.cfg
@@ -254,11 +313,11 @@ class DaliLoader(EpochLoader):
 
     # -- DALI -> torch -------------------------------------------------------------------------------------------------
     def _to_batch(self, outs, expected: list[int], m: int) -> Batch:
-        label_a, label_b = (np.asarray(o.as_cpu().as_tensor() if hasattr(o, "as_cpu") else o.as_tensor()).ravel()
-                            for o in outs[2:])
-        want = np.asarray(expected + [expected[-1]] * (len(label_a) - len(expected)))
-        if not (np.array_equal(label_a, want) and np.array_equal(label_b, want)):
-            raise RuntimeError(f"DALI reader order differs from the planned epoch order: {label_a} != {want}")
+        # The labels travel through the graph with the images (CPU outputs: reading them syncs nothing): a check
+        # that this output is the batch planned for this step.
+        label = np.asarray(outs[2].as_tensor()).ravel()
+        if not np.array_equal(label, np.asarray(expected)):
+            raise RuntimeError(f"DALI output order differs from the planned epoch order: {label} != {expected}")
         A, B = (self._tensor(o)[:m] for o in outs[:2])
         paths = [self.dataset.paths[j] for j in expected[:m]]
         return Batch(A, B, paths, ())
@@ -270,7 +329,15 @@ class DaliLoader(EpochLoader):
             shapes = sorted({tuple(s) for s in tl.shape()})
             raise UserError(f"--batch_size: pairs in one batch have different sizes after preprocessing ({shapes}); "
                             f"use a fixed-size --preprocess (e.g. resize_and_crop) or --batch_size 1") from None
-        x = torch.from_dlpack(t)  # zero-copy: the DALI buffer itself
+        if self.device.type == "cuda":
+            # A copy on torch's current stream into torch's own memory (module docstring: "Stream handover").
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            x = torch.empty(t.shape(), dtype=torch.float16 if self.dtype == torch.float16 else torch.float32,
+                            device=self.device)
+            feed_ndarray(t, x, cuda_stream=torch.cuda.current_stream(self.device))
+        else:
+            x = torch.from_dlpack(t)  # zero-copy: the DALI buffer itself (host memory, no streams to order)
         if self.channels_last:
             x = x.permute(0, 3, 1, 2)  # NHWC memory viewed as NCHW: channels-last strides, no copy
         if self.dtype == torch.bfloat16:

@@ -16,6 +16,15 @@ uint8 levels, see tests/test_dali.py). ``len(loader)`` = ``ceil(pairs / batch_si
 ``floor`` with ``drop_last``. Files that fail to decode are found at construction: ``DataError`` naming the file, or
 with ``skip_bad`` recorded in ``bad_files`` and replaced by the next good pair. Batches are fresh tensors (valid
 indefinitely).
+
+No host syncs per batch. Everything that depends on the batch's numbers (which cache rows, crop windows, flips, the
+border mask's need) is planned on the host with numpy from the same ``get_params`` draws, packed into one int64
+buffer (pinned when the cache is on CUDA) and sent with a single ``non_blocking`` copy; the device only gathers,
+resizes and normalizes, and no device value is ever read back. (The previous version made ~7 synchronizing calls a
+batch: ``torch.tensor(list, device=cuda)`` is a pageable blocking copy, ``int(p[0, 2])`` a read-back.) A pinned
+staging tensor is freed right after its copy is queued: torch's pinned-memory caching allocator records an event on
+the copy's stream and reuses the block only once the copy has run, so one fresh buffer per batch is safe. The
+device work is the same op for op as before, so batches are bit-identical (tests/test_loaders_sync_free.py).
 """
 
 from __future__ import annotations
@@ -37,6 +46,17 @@ from .transforms import get_params
 def _to_uint8(img) -> torch.Tensor:
     arr = np.asarray(img)
     return torch.from_numpy((arr[..., None] if arr.ndim == 2 else arr).copy())  # HWC uint8
+
+
+def _crop_index(plans: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+    """Source rows (b, ch) and columns (b, cw) of each image's crop window (``item_plan`` numbers, one crop size per
+    call), the horizontal flip folded into the column order; may point past the border (the caller clamps and masks)."""
+    p = np.asarray([pl[2:] for pl in plans], dtype=np.int64)  # (b, 5): y, x, h, w, flip
+    ch, cw = int(p[0, 2]), int(p[0, 3])
+    ar_h, ar_w = np.arange(ch, dtype=np.int64), np.arange(cw, dtype=np.int64)
+    rows = p[:, 0:1] + ar_h
+    cols = p[:, 1:2] + np.where(p[:, 4:5].astype(bool), cw - 1 - ar_w, ar_w)
+    return rows, cols
 
 
 class GpuCacheLoader(EpochLoader):
@@ -91,10 +111,9 @@ class GpuCacheLoader(EpochLoader):
         self._stacked = None
         if len(sizes) == 1:
             keep = [j for j in range(len(ds)) if j not in self._bad]
-            pos = torch.full((len(ds),), -1, dtype=torch.long)
-            pos[keep] = torch.arange(len(keep))
-            self._stacked = (torch.stack([self.src[j] for j in keep]), torch.stack([self.tgt[j] for j in keep]),
-                             pos.to(self.device))
+            pos = np.full(len(ds), -1, dtype=np.int64)  # dataset index -> row of the stack; host-side (planning)
+            pos[keep] = np.arange(len(keep))
+            self._stacked = (torch.stack([self.src[j] for j in keep]), torch.stack([self.tgt[j] for j in keep]), pos)
             self.src = [None] * len(ds)  # the stacked copies replace the per-pair tensors
             self.tgt = [None] * len(ds)
             self._size = (next(iter(sizes))[1], next(iter(sizes))[0])  # (w, h)
@@ -145,10 +164,12 @@ class GpuCacheLoader(EpochLoader):
             plans.append(item_plan(self.cfg, size, params))
         if self._stacked is not None:
             src, tgt, pos = self._stacked
-            rows = pos[torch.tensor(files, device=self.device)]
-            outs = [self._transform(x[rows], plans) for x in (src, tgt)]
+            rows, *idx = self._upload([pos[np.asarray(files, dtype=np.int64)], *_crop_index(plans)])
+            outs = [self._transform(x[rows], plans, idx) for x in (src, tgt)]  # A and B share the crop indices
         else:  # mixed sizes: one call per pair (sizes differ, so a single batched resize cannot cover them)
-            outs = [[self._transform(store[j][None], [p]) for j, p in zip(files, plans, strict=True)]
+            flat = self._upload([a for p in plans for a in _crop_index([p])])
+            idx = [flat[2 * k:2 * k + 2] for k in range(len(plans))]
+            outs = [[self._transform(store[j][None], [p], ix) for j, p, ix in zip(files, plans, idx, strict=True)]
                     for store in (self.src, self.tgt)]
             if any(len({tuple(t.shape) for t in o}) > 1 for o in outs):
                 listing = ", ".join(f"{self.dataset.paths[j]} {tuple(t.shape[2:])}"
@@ -158,8 +179,22 @@ class GpuCacheLoader(EpochLoader):
             outs = [torch.cat(o) for o in outs]
         return outs[0], outs[1]
 
-    def _transform(self, x: torch.Tensor, plans: list[tuple]) -> torch.Tensor:
-        """uint8 (b, H, W, C) images of one size + per-image plans -> float (b, C, h, w) in [-1, 1]."""
+    def _upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Host int64 arrays -> device tensors of the same shapes, in ONE copy that never blocks the host: packed into
+        one buffer, pinned on CUDA (a pageable source would make the copy synchronous), sent ``non_blocking``."""
+        host = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]).astype(np.int64, copy=False))
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        flat = host.to(self.device, non_blocking=True)
+        out, at = [], 0
+        for a in arrays:
+            out.append(flat[at:at + a.size].view(a.shape))
+            at += a.size
+        return out
+
+    def _transform(self, x: torch.Tensor, plans: list[tuple], idx: list[torch.Tensor]) -> torch.Tensor:
+        """uint8 (b, H, W, C) images of one size + per-image plans + their device crop indices (``_crop_index``) ->
+        float (b, C, h, w) in [-1, 1]."""
         rh, rw = plans[0][:2]  # same source size -> same resize target for every image here
         b, H, W, C = x.shape
         if (rh, rw) != (H, W):
@@ -169,15 +204,11 @@ class GpuCacheLoader(EpochLoader):
                               align_corners=False, antialias=True)
             # PIL writes uint8: round and clamp to its levels before normalizing
             x = y.round_().clamp_(0, 255).permute(0, 2, 3, 1)  # NHWC view
-        p = torch.tensor([pl[2:] for pl in plans], device=x.device, dtype=torch.long)  # (b, 5): y, x, h, w, flip
-        ch, cw = int(p[0, 2]), int(p[0, 3])
-        ar_h = torch.arange(ch, device=x.device)
-        ar_w = torch.arange(cw, device=x.device)
-        rows = p[:, 0:1] + ar_h  # (b, ch)
-        cols = p[:, 1:2] + torch.where(p[:, 4:5].bool(), cw - 1 - ar_w, ar_w)  # flip folded into the gather
+        rows, cols = idx  # (b, ch), (b, cw): crop windows with the flip folded in, planned on the host
         bi = torch.arange(b, device=x.device)[:, None, None]
         out = x[bi, rows.clamp(0, rh - 1)[:, :, None], cols.clamp(0, rw - 1)[:, None, :]]  # (b, ch, cw, C)
         out = out.float()
+        ch, cw = plans[0][4:6]
         if any(py < 0 or px < 0 or py + ch > rh or px + cw > rw for py, px, *_ in (pl[2:] for pl in plans)):
             inside = ((rows >= 0) & (rows < rh))[:, :, None] & ((cols >= 0) & (cols < rw))[:, None, :]
             out = out * inside[..., None]  # PIL's crop past the border reads zeros
