@@ -21,3 +21,21 @@ def facades() -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def cuda():
+    """The CUDA device, for tests marked ``gpu`` (skips without one). cuDNN runs exact for the test: no TF32 convs, a
+    deterministic algorithm, no autotuning (a Trainer built earlier turns cudnn.benchmark on process-wide); the flags
+    are restored afterwards. Legacy setters only: they keep the new ``fp32_precision`` state in step, while mixing in
+    the new API makes later legacy reads raise (see bench/gpu_plan.set_legacy_tf32)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark)
+    cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark = False, True, False
+    try:
+        yield torch.device("cuda")
+    finally:
+        torch.cuda.synchronize()
+        cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark = saved
