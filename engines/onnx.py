@@ -384,21 +384,57 @@ def check_meta(meta: dict, where: str | Path, prefix: str = META_PREFIX, fix: st
     return meta
 
 
-def read_onnx_meta(path: str | Path) -> dict:
-    """The ``fastp2p.*`` metadata of an exported ONNX file (without loading external weights)."""
+def _load_proto(path: Path, hint: str = ""):
+    """The ONNX model at ``path`` without its external weights; a missing or unreadable file is a ``UserError``."""
     onnx = require_onnx()
-    path = Path(path)
     if not path.is_file():
         raise UserError(f"ONNX file not found: {path}")
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends
-        raise UserError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
+        raise UserError(f"{path}: not a readable ONNX file ({type(e).__name__}){hint}") from None
+
+
+def read_onnx_meta(path: str | Path) -> dict:
+    """The ``fastp2p.*`` metadata of an exported ONNX file (without loading external weights)."""
+    path = Path(path)
+    proto = _load_proto(path)
     meta = meta_from_proto(proto, path)
     if meta.get("format") != FORMAT:
         raise UserError(f"{path}: not an ONNX file exported by fastp2p (no fastp2p.format metadata); "
                         "export it with `fastp2p export`")
     return check_meta(meta, path)
+
+
+def _value_info(v) -> dict:
+    t = v.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
+    onnx = require_onnx()
+    return {"name": v.name, "shape": dims,
+            "dtype": onnx.TensorProto.DataType.Name(t.elem_type).lower() if t.elem_type else None}
+
+
+def describe_onnx(path: str | Path) -> dict:
+    """What ``fastp2p info`` prints for any ONNX file: graph inputs/outputs (name, shape, dtype), opsets, producer,
+    file size, and its ``fastp2p`` metadata (None for a file fastp2p did not export). External weights are not
+    loaded. An unreadable file is a ``UserError`` naming it."""
+    path = Path(path)
+    proto = _load_proto(path, "; the file is damaged or not ONNX")
+    if not proto.HasField("graph") or not proto.graph.node:  # protobuf parses an empty or cut file as a bare message
+        raise UserError(f"{path}: not a readable ONNX file (no graph in it); the file is damaged or not ONNX")
+    weights = {i.name for i in proto.graph.initializer}
+    meta = meta_from_proto(proto, path)
+    return {
+        "file": str(path), "file_size": path.stat().st_size,
+        "inputs": [_value_info(v) for v in proto.graph.input if v.name not in weights],
+        "outputs": [_value_info(v) for v in proto.graph.output],
+        "opset_import": {(o.domain or "ai.onnx"): o.version for o in proto.opset_import},
+        "ir_version": proto.ir_version, "producer": f"{proto.producer_name} {proto.producer_version}".strip(),
+        "graph": proto.graph.name, "nodes": len(proto.graph.node),
+        "external_data": sorted({e.value for t in proto.graph.initializer for e in t.external_data
+                                 if e.key == "location"}),
+        "fastp2p": meta if meta.get("format") == FORMAT else None,
+    }
 
 
 def is_our_onnx(path: str | Path) -> bool:

@@ -10,6 +10,10 @@ file that exists and belongs to it, and whatever a killed save left behind (temp
 file names, a sidecar of another step) is found by ``leftovers`` and cleaned by ``clean_leftovers``. A full disk is
 checked before anything is written (and caught at the write): one line naming the folder and the bytes needed, the
 previous checkpoint untouched. Reference ``.pth`` files are read with ``torch.load(weights_only=True)`` only.
+
+Per-epoch snapshots (``<epoch>.safetensors``, weights only, as the reference's ``<epoch>_net_G.pth``) are single
+atomic files beside ``latest``; they are not leftovers (only their temp files are). The header's ``epoch`` is
+1-based, the ``epoch`` of ``metrics.jsonl`` at the same step; the training state keeps the 0-based one it resumes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 import uuid
@@ -179,6 +184,9 @@ def leftovers(path: str | Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = sorted(folder.glob(f".{path.stem}*.tmp"))
+    # A killed snapshot save (``<epoch>.safetensors`` / ``<epoch>.json``) leaves its temp file too; the snapshots
+    # themselves are complete files (one rename each), never leftovers.
+    found += sorted(p for p in folder.glob(".*.tmp") if _SNAPSHOT_TMP.match(p.name) and p not in found)
     keep = None
     if path.is_file():
         try:
@@ -212,6 +220,82 @@ def clean_leftovers(path: str | Path) -> list[Path]:
         if stale:
             atomic_write(sidecar, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
     return junk
+
+
+# -- per-epoch snapshots (the reference's <epoch>_net_G.pth / <epoch>_net_D.pth) ---------------------------------------
+SNAPSHOT = "epoch"  # the header's "snapshot" value: what marks a file as one fit wrote (and may prune)
+_SNAPSHOT_NAME = re.compile(r"^(\d+)\.safetensors$")
+_SNAPSHOT_TMP = re.compile(r"^\.\d+\.(safetensors|json)\..*\.tmp$")
+EPOCH_NAME = re.compile(r"^(latest|\d+|iter_\d+)$")  # what --epoch takes (iter_N: the reference's --save_by_iter)
+
+
+def snapshot_path(folder: str | Path, epoch: int) -> Path:
+    return Path(folder) / f"{int(epoch)}.safetensors"
+
+
+def snapshots(folder: str | Path) -> dict[int, Path]:
+    """``{epoch: path}`` of the per-epoch snapshots in a run's ``checkpoints/`` folder, oldest first: files named
+    ``<epoch>.safetensors`` whose header marks them as fastp2p snapshots (anything else there is left alone)."""
+    found = {}
+    for p in Path(folder).glob("*.safetensors"):
+        m = _SNAPSHOT_NAME.match(p.name)
+        if not m:
+            continue
+        try:
+            ours = read_meta(p).get("snapshot") == SNAPSHOT
+        except UserError:
+            ours = False
+        if ours:
+            found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def save_snapshot(folder: str | Path, epoch: int, *, cfg: Config, G, D=None, step: int = 0,
+                  keep_last: int | None = None) -> Path:
+    """``<folder>/<epoch>.safetensors``: G and D weights with the run's metadata, no optimizer state (a snapshot is
+    for translate / eval / export; --resume continues from latest.safetensors). Atomic like every save. With
+    ``keep_last``, older snapshots beyond the newest ``keep_last`` are deleted (with their .json sidecars)."""
+    path = save(snapshot_path(folder, epoch), cfg=cfg, G=G, D=D, step=step, epoch=epoch,
+                extra={"snapshot": SNAPSHOT})
+    if keep_last:
+        for old in list(snapshots(folder).values())[:-keep_last]:
+            _unlink(old)
+            _unlink(old.with_suffix(".json"))
+    return path
+
+
+def run_checkpoint(root: str | Path, name: str, epoch: str = "latest") -> Path:
+    """The checkpoint of epoch ``epoch`` (a number, or ``latest``) of the run ``<root>/<name>``: fastp2p's
+    ``checkpoints/<epoch>.safetensors`` (``latest.safetensors``), else a reference-trained ``<epoch>_net_G.pth``.
+    Missing: one line naming the path tried and the epochs that are there."""
+    epoch = str(epoch)
+    if not EPOCH_NAME.match(epoch):
+        raise UserError(f"--epoch {epoch}: expected an epoch number or latest")
+    run = Path(root) / name
+    ours = run / "checkpoints" / f"{epoch}.safetensors"
+    theirs = run / f"{epoch}_net_G.pth"
+    for p in (ours, theirs):
+        if p.is_file():
+            return p
+    have = [str(e) for e in snapshots(run / "checkpoints")]
+    if (run / "checkpoints" / "latest.safetensors").is_file():
+        have.append("latest")
+    have += sorted({p.name[: -len("_net_G.pth")] for p in run.glob("*_net_G.pth")} - set(have),
+                   key=lambda e: (not e.isdigit(), int(e) if e.isdigit() else 0, e))
+    where = (f"available epochs: {', '.join(have)}" if have else
+             f"{run} holds no checkpoints; check --name / --checkpoints_dir")
+    raise UserError(f"--epoch {epoch}: no checkpoint at {ours} (nor a reference {theirs}); {where}")
+
+
+def read_state_meta(path: str | Path, meta: dict | None = None) -> dict:
+    """The JSON part of the training state of checkpoint ``path`` (step, 0-based epoch, steps_per_epoch, ...), read
+    from the state file's header without loading its tensors; ``{}`` when it cannot be read."""
+    path = Path(path)
+    try:
+        with safe_open(str(state_path(path, meta if meta is not None else read_meta(path))), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("fastp2p_state", "{}"))
+    except Exception:  # missing or damaged: --resume reports it, naming the file
+        return {}
 
 
 def read_meta(path: str | Path) -> dict:
@@ -339,3 +423,56 @@ def load_generator(path: str | Path, model: ModelConfig | None = None):
     except RuntimeError as e:
         raise UserError(f"{path}: generator weights do not match its own config ({first_line(e, 10**6)})") from None
     return G, cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the sidecar ``convert --to reference`` writes beside a .pth
+# ---------------------------------------------------------------------------------------------------------------------
+REFERENCE_SIDECAR_FORMAT = "fastp2p-reference-sidecar-1"
+
+
+def reference_sidecar_path(pth: str | Path) -> Path:
+    """``latest_net_G.pth`` -> ``latest_net_G.fastp2p.json``: a name the reference's tools never read (they load
+    ``<epoch>_net_<G|D>.pth`` only), so the .pth stays a plain reference file."""
+    pth = Path(pth)
+    return pth.with_name(pth.stem + ".fastp2p.json")
+
+
+def reference_sidecar(cfg: Config, pth: str | Path, source: str | Path) -> dict:
+    """What a reference .pth cannot hold: the fastp2p config (direction, preprocessing, sizes, architecture)."""
+    return {"format": REFERENCE_SIDECAR_FORMAT, "written_by": f"fastp2p {__version__} convert", "pth": Path(pth).name,
+            "pth_sha256": file_hash(pth), "source": Path(source).name, "config": cfg.to_dict(),
+            "preprocessing": preprocessing(cfg)}
+
+
+def write_reference_sidecar(cfg: Config, pth: str | Path, source: str | Path) -> Path:
+    side = reference_sidecar_path(pth)
+    text = json.dumps(reference_sidecar(cfg, pth, source), indent=2) + "\n"
+    atomic_write(side, lambda tmp: Path(tmp).write_text(text))
+    return side
+
+
+def read_reference_sidecar(pth: str | Path) -> dict | None:
+    """The sidecar of ``pth`` (None when there is none, or when it describes another file than ``pth``: one warning
+    line). A damaged one is a ``UserError`` naming it."""
+    pth = Path(pth)
+    side = reference_sidecar_path(pth)
+    if not side.is_file():
+        return None
+    try:
+        d = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{side}: unreadable fastp2p sidecar of {pth.name} ({first_line(e)}); fix or remove it "
+                        "(then pass --direction / --crop_size / --load_size / --preprocess)") from None
+    if not isinstance(d, dict) or d.get("format") != REFERENCE_SIDECAR_FORMAT or not isinstance(d.get("config"), dict):
+        raise UserError(f"{side}: not a fastp2p convert sidecar (no format {REFERENCE_SIDECAR_FORMAT!r} / config); "
+                        "fix or remove it")
+    try:
+        Config.from_dict(d["config"])
+    except (AttributeError, TypeError) as e:  # a hand-edited section that is not an object, or an unknown shape
+        raise UserError(f"{side}: its config is not a fastp2p config ({first_line(e)}); fix or remove it") from None
+    if d.get("pth_sha256") and pth.is_file() and d["pth_sha256"] != file_hash(pth):
+        log.warning("%s: describes another version of %s (sha256 differs: the .pth changed since convert wrote "
+                    "it); ignoring it", side, pth.name)
+        return None
+    return d

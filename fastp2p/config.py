@@ -62,6 +62,10 @@ class TrainConfig:
     max_steps: int | None = None
     amp: bool = False
     compile: bool = False
+    # torch.compile mode: None = inductor's default; "max-autotune-no-cudagraphs" (tuned kernels, our own graph
+    # capture), or "reduce-overhead" (inductor's CUDA graph trees instead of --cuda_graphs)
+    compile_mode: str | None = None
+    cuda_graphs: bool | None = None  # None: on with CUDA where the step can be graphed (fastp2p.graphs)
     channels_last: bool | None = None  # None: on for CUDA, off on CPU (measured slower there, see fastp2p.perf)
     kernels: str | None = None  # triton | torch; None: triton when CUDA and Triton are present, torch otherwise
     # Multi-process (torchrun, fastp2p.distributed): lr x world size when set (the global batch is world x batch_size;
@@ -71,6 +75,11 @@ class TrainConfig:
     log_every: int = 50
     sample_every: int = 500
     save_every: int = 1000
+    # Per-epoch weight snapshots, as the reference's <epoch>_net_G.pth: checkpoints/<epoch>.safetensors every N epochs
+    # (0: none); keep_last: only the newest N of them (None: all, as the reference).
+    save_epoch_freq: int = 5
+    keep_last: int | None = None
+    tensorboard: bool | None = None  # None: on when the tensorboard package is installed
     resume: bool = False
     eval_every: int | None = None  # score G on a validation split every N steps (fastp2p.scoring.TrainEval)
     eval_data: str | None = None  # None: the val/ split beside --data (the synthetic val phase without --data)

@@ -38,7 +38,9 @@ FID and LPIPS run only with local weights files; nothing is downloaded:
 
 Output folder (default ``eval/<file stem>``): ``metrics.json`` (means and the run's description, schema in
 ``evaluate``'s doc), ``metrics.csv`` (one row per image), ``index.html`` (a gallery: name | input | output | target |
-scores, sortable by clicking a column header; no external resources) and ``images/<name>_{input,output,target}.png``.
+scores, rows in natural name order (2 before 10), sortable by clicking a column header; no external resources) and
+``images/<name>_{input,output,target}.png``. The gallery shows the PNGs under ``images/`` beside it (relative links,
+not inlined: a gallery of a large split would be hundreds of MB of HTML): copy or move the folder whole.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import html
 import io
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -209,7 +212,18 @@ def _fmt(k: str, v) -> str:
     return f"{v:.2f}" if k in ("PSNR", "FID") else f"{v:.4f}"
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders the digit runs of a name by value: 2.jpg before 10.jpg, p9 before p10."""
+    return [(0, int(part), part) if part.isdigit() else (1, 0, part.casefold())
+            for part in re.split(r"(\d+)", name) if part]
+
+
+GALLERY_IMAGE_PX = 256  # thumbnail width in index.html: the model's usual crop size, shown 1:1
+
+
 def gallery_html(result: dict, rows: list[dict]) -> str:
+    """index.html: one row per image in natural name order, linking ``images/<name>_<kind>.png`` beside it."""
+    rows = sorted(rows, key=lambda r: natural_key(r["name"]))
     keys = [k for k in ("L1", "PSNR", "SSIM", "LPIPS") if rows and k in rows[0]]
     e = html.escape
     src = result.get("checkpoint") or result.get("engine")
@@ -233,7 +247,7 @@ body {{ font-family: sans-serif; margin: 1em; }}
 table {{ border-collapse: collapse; }}
 th, td {{ border: 1px solid #ccc; padding: 4px; text-align: center; }}
 th.sort {{ cursor: pointer; text-decoration: underline; }}
-img {{ width: 192px; height: auto; display: block; }}
+img {{ width: {GALLERY_IMAGE_PX}px; height: auto; display: block; }}
 </style></head>
 <body>
 <h1>fastp2p eval</h1>
@@ -241,7 +255,8 @@ img {{ width: 192px; height: auto; display: block; }}
 direction {e(str(result.get("direction")))} &middot; {where}</p>
 <p>{means}</p>
 <p>L1 on [0, 1], PSNR in dB (data range 1, capped at {M.PSNR_MAX:g}), SSIM (Gaussian 11x11, &sigma; 1.5).
-Click a column header to sort.</p>
+Click a column header to sort. The images are the PNGs in <code>images/</code> beside this page: keep the two
+together.</p>
 <table id="results">
 <thead><tr><th class="sort" data-key="name">name</th><th>input</th><th>output</th><th>target</th>{head}</tr></thead>
 <tbody>
@@ -256,8 +271,9 @@ document.querySelectorAll("th.sort").forEach(function (th) {{
     var rows = Array.prototype.slice.call(tbody.rows);
     rows.sort(function (a, b) {{
       var x = a.dataset[key], y = b.dataset[key];
-      if (key !== "name") {{ x = parseFloat(x); y = parseFloat(y); }}
-      return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1);
+      var c = key === "name" ? x.localeCompare(y, undefined, {{numeric: true, sensitivity: "base"}})
+                             : parseFloat(x) - parseFloat(y);
+      return (c < 0 ? -1 : c > 0 ? 1 : 0) * (asc ? 1 : -1);
     }});
     rows.forEach(function (r) {{ tbody.appendChild(r); }});
   }});
@@ -310,10 +326,11 @@ def evaluate(source, data, *, out: str | Path | None = None, direction: str | No
              dropout: bool | None = None, model=None, crop_size: int | None = None, batch_size: int = 1,
              seed: int = 0, device: str | None = None, fid_weights: str | Path | None = None,
              lpips_weights: str | Path | None = None, max_images: int | None = None, write: bool = True,
-             quiet: bool = False, overwrite: bool = False, max_pixels: int | None = None) -> dict:
+             quiet: bool = False, overwrite: bool = False, max_pixels: int | None = None,
+             progress: bool = True) -> dict:
     """Evaluate a generator on a split and (``write``) write the report to ``out`` (default ``eval/<stem>``; checked
     first by ``check_report_folder``: never the data folder, files there replaced only if an earlier eval's, or
-    with ``overwrite``).
+    with ``overwrite``). ``progress``: a bar on stderr (images, img/s, ETA) while the pairs are translated.
 
     source: a checkpoint (.safetensors / reference .pth described by ``model``), an exported .onnx / .plan, or an open
     ``fastp2p.engines.runtime.Generator``. mode / dropout: as ``translate`` (checkpoints: default paper mode with
@@ -360,7 +377,7 @@ def evaluate(source, data, *, out: str | Path | None = None, direction: str | No
     gallery = GalleryWriter(out) if write else None
     rows, extra = run_pairs(rt, pairs, direction=direction, size=meta["crop_size"], in_nc=meta["input_nc"],
                             out_nc=meta["output_nc"], device=rt.device, batch_size=batch_size, seed=seed, fid=fid,
-                            lpips=lpips, on_batch=gallery)
+                            lpips=lpips, on_batch=gallery, progress=progress)
     means = summarize(rows)
     result = {
         "images": len(rows), "L1": means["L1"], "PSNR": means["PSNR"], "SSIM": means["SSIM"], "FID": extra["FID"],

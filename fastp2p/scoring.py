@@ -99,12 +99,48 @@ def resolve_split(data: str | Path, flag: str = "--data") -> Path:
                           f"give {flag} a folder of aligned A|B images")
 
 
+PAIR_LAYOUTS = ("aligned A|B images (width = 2 x height: A the left half, B the right) or A/ and B/ sub-folders of "
+                "same-named images")
+
+
+def is_aligned_pair(w: int, h: int) -> bool:
+    """An aligned A|B pair has two square halves side by side: width = 2 x height (translate's ``--layout auto``
+    rule; a plain photo split in half would score a generator against the wrong target)."""
+    return w == 2 * h
+
+
+def _aligned_pairs(folder: Path, max_images: int | None, max_pixels: int | None) -> list[EvalPair]:
+    """The aligned pairs of ``folder`` (at most ``max_images``). No file a pair: a ``DataError`` naming the first;
+    some files not pairs: skipped, with one warning line naming how many and the first."""
+    pairs: list[EvalPair] = []
+    skipped: list[tuple[Path, int, int]] = []
+    for p in _images_in(folder):
+        if max_images and len(pairs) >= max_images:
+            break
+        w, h = _probe(p, max_pixels)
+        if not is_aligned_pair(w, h):
+            skipped.append((p, w, h))
+            continue
+        pairs.append(EvalPair(p.stem, str(p), _aligned_loader(p, max_pixels)))
+    if skipped:
+        first, w, h = skipped[0]
+        if not pairs:
+            raise DataError(first, f"{w}x{h} is not an aligned A|B pair (none of the {len(skipped)} images in "
+                                   f"{folder} is); evaluation refuses to split a plain image in half: give it "
+                                   f"{PAIR_LAYOUTS}")
+        log.warning("%s: skipping %d image(s) that are not aligned A|B pairs (width != 2 x height; first: %s, %dx%d); "
+                    "evaluating the other %d; eval expects %s", folder, len(skipped), first.name, w, h, len(pairs),
+                    PAIR_LAYOUTS)
+    return pairs
+
+
 def folder_pairs(data: str | Path, max_images: int | None = None, flag: str = "--data",
                  max_pixels: int | None = None) -> tuple[Path, list[EvalPair]]:
     """(resolved folder, pairs in sorted order, at most ``max_images``). Every kept file's header is read here, so an
     unreadable file, one over ``max_pixels``, or (two folders) an A/B pair of different sizes is a ``DataError``
     naming the file before any work; the training dataset refuses mismatched pairs too, and resizing both halves to
-    the model's size would compare images of different aspect."""
+    the model's size would compare images of different aspect. Aligned folders: see ``_aligned_pairs`` (images that
+    are not pairs are skipped with a warning, or refused when none is)."""
     folder = resolve_split(data, flag)
     pairs: list[EvalPair] = []
     if (folder / "A").is_dir() and (folder / "B").is_dir() and not _images_in(folder):
@@ -119,9 +155,7 @@ def folder_pairs(data: str | Path, max_images: int | None = None, flag: str = "-
                                     "be the same size (resize one of them, or leave the pair out)")
             pairs.append(EvalPair(pa.stem, str(pa), _two_folder_loader(pa, pb, max_pixels)))
     else:
-        for p in _images_in(folder)[:max_images]:
-            _probe(p, max_pixels)
-            pairs.append(EvalPair(p.stem, str(p), _aligned_loader(p, max_pixels)))
+        pairs = _aligned_pairs(folder, max_images, max_pixels)
     if not pairs:
         raise DataError(folder, "folder holds no .png/.jpg/.jpeg images")
     seen: set[str] = set()
@@ -159,8 +193,10 @@ def run_pairs(net: Callable[[torch.Tensor], torch.Tensor], pairs: list[EvalPair]
               in_nc: int, out_nc: int, device: torch.device | str = "cpu", batch_size: int = 1, seed: int = 0,
               fid: Callable[[np.ndarray], np.ndarray] | None = None,
               lpips: Callable[[torch.Tensor, torch.Tensor], list[float]] | None = None,
-              on_batch: Callable | None = None) -> tuple[list[dict], dict]:
-    """Translate ``pairs`` with ``net`` (float N,C,H,W in [-1, 1] -> same) and score them.
+              on_batch: Callable | None = None, progress: bool = False) -> tuple[list[dict], dict]:
+    """Translate ``pairs`` with ``net`` (float N,C,H,W in [-1, 1] -> same) and score them; ``progress``: a bar on
+    stderr (images, img/s, ETA; ``fastp2p.report.progress_bar``), off by default (``--eval_every`` runs inside the
+    training bar).
 
     Returns (per-image rows {"name", "L1", "PSNR", "SSIM"[, "LPIPS"]}, {"FID": float | None}). ``on_batch(pairs,
     source, output, target)`` gets each batch's uint8 N,H,W,C arrays (the gallery writer). The global RNG state is
@@ -168,7 +204,10 @@ def run_pairs(net: Callable[[torch.Tensor], torch.Tensor], pairs: list[EvalPair]
     device = torch.device(device)
     rows: list[dict] = []
     feats: dict[str, list[np.ndarray]] = {"output": [], "target": []}
-    with torch.random.fork_rng(devices=_cuda_devices(device)), torch.inference_mode():
+    from .report import progress_bar
+
+    with torch.random.fork_rng(devices=_cuda_devices(device)), torch.inference_mode(), \
+            progress_bar(len(pairs), "eval", progress) as bar:
         torch.manual_seed(seed)
         for i in range(0, len(pairs), batch_size):
             chunk = pairs[i:i + batch_size]
@@ -190,6 +229,7 @@ def run_pairs(net: Callable[[torch.Tensor], torch.Tensor], pairs: list[EvalPair]
                 feats["target"].append(fid(tgt.numpy()))
             if on_batch is not None:
                 on_batch(chunk, src, out.numpy(), tgt.numpy())
+            bar.update(len(chunk))
     extra: dict = {"FID": None}
     if fid is not None:
         if len(rows) < 2:

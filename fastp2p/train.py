@@ -80,8 +80,14 @@ class Trainer:
         if m.norm == "sync_batch" and self.dist.enabled:
             self.G, self.D = distributed.sync_batch_norm(self.G, self.D, self.device)
         self.dtype = amp_dtype(self.device) if cfg.train.amp else None
-        if cfg.train.amp and self.dtype is None:
-            log.warning("--amp: this CPU has no native bf16 (avx512_bf16/AMX); training stays in fp32")
+        if cfg.train.amp and self.dist.is_main:  # once per run: which precision --amp chose, and why
+            if self.dtype is None:
+                log.warning("--amp: this CPU has no native bf16 (avx512_bf16/AMX); training stays in fp32")
+            elif self.device.type == "cuda":
+                log.info("--amp: bf16 autocast (CUDA GPU with bf16)" if self.dtype == torch.bfloat16 else
+                         "--amp: fp16 autocast + GradScaler (GPU without bf16)")
+            else:
+                log.info("--amp: bf16 autocast (this CPU has native bf16: avx512_bf16/AMX)")
         self.scale = self.dtype == torch.float16
         # One GradScaler per optimizer (fp16 only), as the reference-style two-optimizer GAN step needs.
         self.scaler_D = torch.amp.GradScaler(self.device.type, enabled=self.scale)
@@ -111,9 +117,12 @@ class Trainer:
         if cfg.train.compile:
             # G's forward and both loss functions (D's forwards + losses); AOTAutograd compiles their backwards too.
             # The first step pays the compile (reported apart: summary "first_step_s").
-            self.G_run = torch.compile(self.G_run)
-            self._d_loss = torch.compile(self._d_loss_eager)
-            self._g_loss = torch.compile(self._g_loss_eager)
+            # --compile_mode: "max-autotune-no-cudagraphs" pairs with --cuda_graphs (fastp2p.graphs captures the whole
+            # step); "reduce-overhead" lets inductor capture its own graphs per compiled region instead.
+            mode = None if cfg.train.compile_mode in (None, "default") else cfg.train.compile_mode
+            self.G_run = torch.compile(self.G_run, mode=mode)
+            self._d_loss = torch.compile(self._d_loss_eager, mode=mode)
+            self._g_loss = torch.compile(self._g_loss_eager, mode=mode)
         self.step = 0
         self.epoch = 0
         self.saved_step: int | None = None  # the step of the checkpoint on disk (saved or resumed from), if any
@@ -172,7 +181,10 @@ class Trainer:
         lr = self.base_lr * lr_factor(t.lr_policy, epoch, t.n_epochs, t.n_epochs_decay, t.lr_decay_iters)
         for opt in (self.opt_G, self.opt_D):
             for group in opt.param_groups:
-                group["lr"] = lr
+                if torch.is_tensor(group["lr"]):  # --cuda_graphs: a device tensor the captured step reads
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
         return lr
 
     # -- state ---------------------------------------------------------------------------------------------------------
@@ -188,7 +200,9 @@ class Trainer:
             for pid, st in sd["state"].items():
                 for k, v in st.items():
                     tensors[f"{name}.{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-            meta[name] = {"param_groups": sd["param_groups"]}
+            # A tensor lr (--cuda_graphs) is saved as the number it holds: checkpoints stay the same either way.
+            meta[name] = {"param_groups": [{k: (float(v) if torch.is_tensor(v) else v) for k, v in g.items()}
+                                           for g in sd["param_groups"]]}
         for name, sc in (("scaler_G", self.scaler_G), ("scaler_D", self.scaler_D)):
             meta[name] = {k: (v.item() if torch.is_tensor(v) else v) for k, v in sc.state_dict().items()}
         return {"tensors": tensors, "meta": meta}
@@ -212,7 +226,9 @@ class Trainer:
         self.saved_layout = {k: meta.get(k) for k in ("steps_per_epoch", "world_size", "global_batch")}
 
     def save(self, path: Path, extra: dict | None = None) -> Path:
-        out = checkpoint.save(path, cfg=self.cfg, G=self.G, D=self.D, step=self.step, epoch=self.epoch,
+        # The header's epoch is 1-based, as metrics.jsonl's rows and the summary count it (the epoch in progress, or
+        # just completed at a boundary); the train state keeps the 0-based self.epoch that load_train_state resumes.
+        out = checkpoint.save(path, cfg=self.cfg, G=self.G, D=self.D, step=self.step, epoch=self.epoch + 1,
                               train_state=self.train_state(), extra=extra)
         self.saved_step = self.step
         return out
@@ -253,16 +269,18 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     return t.max_steps if t.max_steps is not None else (t.n_epochs + t.n_epochs_decay) * steps_per_epoch
 
 
-def fit(cfg: Config, progress: bool = True) -> dict:
+def fit(cfg: Config, progress: bool = True, wandb: bool = False) -> dict:
     """Train per ``cfg`` into ``<out>/<name>/``; returns the run summary. Ctrl-C or SIGTERM saves a checkpoint at the
-    current step boundary and returns (``summary["interrupted"]`` names the signal)."""
+    current step boundary and returns (``summary["interrupted"]`` names the signal). ``wandb``: also log to a Weights
+    & Biases run (``--wandb``)."""
     from . import data as data_mod
-    from .report import RunReporter, trim_metrics
+    from .report import RunReporter, check_loggers, trim_metrics
 
     run_dir = Path(cfg.train.out) / cfg.train.name
     ckpt = run_dir / "checkpoints" / "latest.safetensors"
     if cfg.train.resume and not ckpt.is_file():
         raise UserError(f"--resume: no checkpoint at {ckpt}; drop --resume to start a new run")
+    check_loggers(cfg.train.tensorboard, wandb)  # on every rank, before any work: all stop, not rank 0 alone
     # Under torchrun (WORLD_SIZE > 1): join the process group; this rank trains on cuda:LOCAL_RANK or the CPU, on its
     # shard of the data, and rank 0 alone writes files (fastp2p.distributed).
     dctx = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
@@ -323,9 +341,9 @@ def fit(cfg: Config, progress: bool = True) -> dict:
     from .scoring import TrainEval
 
     evaluator = TrainEval.from_config(cfg) if dctx.is_main else None
-    if dctx.is_main:  # logs the ranks' mean losses and the img/s of all ranks together
+    if dctx.is_main:  # logs the ranks' mean losses and the img/s of all ranks together (and TensorBoard / wandb)
         reporter = RunReporter(run_dir, cfg, total, progress=progress, start_step=trainer.step,
-                               world_size=dctx.world_size)
+                               world_size=dctx.world_size, wandb=wandb)
     else:
         reporter = distributed.NullReporter(dctx.rank, trainer.step)
 
@@ -338,6 +356,25 @@ def fit(cfg: Config, progress: bool = True) -> dict:
         if dctx.is_main:
             trainer.save(ckpt)
         trainer.saved_step = trainer.step
+
+    def snapshot() -> None:
+        """At the end of every --save_epoch_freq-th epoch (1-based: epochs completed), the reference's
+        <epoch>_net_G/D.pth as checkpoints/<epoch>.safetensors (weights only), pruned to --keep_last. Rank 0 alone:
+        DDP keeps the replicas equal (and save() checks it)."""
+        done, freq = trainer.step // steps_per_epoch, cfg.train.save_epoch_freq
+        if dctx.is_main and freq and trainer.step % steps_per_epoch == 0 and done % freq == 0:
+            checkpoint.save_snapshot(ckpt.parent, done, cfg=cfg, G=trainer.G, D=trainer.D, step=trainer.step,
+                                     keep_last=cfg.train.keep_last)
+
+    # --cuda_graphs (default on with CUDA where the step can be graphed): one graph replay per step, after the loaded
+    # checkpoint (the graphs read parameters and optimizer state in place) and before the first step.
+    from .graphs import step_function
+
+    try:
+        train_step = step_function(trainer, cfg.train.cuda_graphs)
+    except UserError:
+        release()
+        raise
 
     # Ctrl-C / SIGTERM: finish the step in flight, then save a checkpoint at that step boundary (so --resume is
     # exact) and stop. A second signal aborts at once; the last checkpoint stays intact (a save is one transaction).
@@ -365,7 +402,7 @@ def fit(cfg: Config, progress: bool = True) -> dict:
                 t_got = time.perf_counter()
                 A = A.to(trainer.device, non_blocking=True)
                 B = B.to(trainer.device, non_blocking=True)
-                losses = trainer.train_step(A, B)
+                losses = train_step(A, B)
                 if first_step_s is None:
                     first_step_s = time.perf_counter() - t_got
                 losses = dctx.mean_losses(losses)  # one small all-reduce on the device, no host sync
@@ -374,6 +411,7 @@ def fit(cfg: Config, progress: bool = True) -> dict:
                     reporter.log_eval(trainer.step, evaluator(trainer.G, trainer.device))
                 if trainer.step % cfg.train.save_every == 0:
                     save()
+                snapshot()
                 if dctx.enabled and dctx.any_rank(stop["sig"] is not None):  # all ranks stop at the same step
                     stop["sig"] = stop["sig"] or "signal on another rank"
                 if trainer.step >= total or stop["sig"] is not None:

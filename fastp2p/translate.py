@@ -21,6 +21,7 @@ from .errors import DataError, UserError
 from .images import open_image
 from .inference import to_model_input, to_uint8, with_mode
 from .models.unet import size_problem
+from .report import progress_bar
 from .video import VIDEO_SUFFIXES
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -89,12 +90,14 @@ def output_paths(inputs: list[str], files: list[Path], out: Path, *, sources=(),
 
 def translate_paths(inputs, checkpoint, out, *, mode=None, direction=None, layout="auto", batch_size=1,
                     crop_size=None, model: ModelConfig | None = None, dropout=None, device=None, seed=0,
-                    engine=None, kernels=None, overwrite: bool = False, max_pixels: int | None = None) -> list[Path]:
+                    engine=None, kernels=None, overwrite: bool = False, max_pixels: int | None = None,
+                    progress: bool = True) -> list[Path]:
     """Translate ``inputs`` with a ``checkpoint`` (torch) or an exported ``engine`` (.onnx / .plan); returns the PNGs.
 
     mode/dropout None: paper mode with dropout for checkpoints; whatever an engine has baked in. ``overwrite``: also
     replace files at the output paths that are not earlier translate outputs (inputs are never replaced).
-    ``max_pixels``: larger inputs are a ``DataError`` (default ``fastp2p.config.DEFAULT_MAX_PIXELS``)."""
+    ``max_pixels``: larger inputs are a ``DataError`` (default ``fastp2p.config.DEFAULT_MAX_PIXELS``). ``progress``: a
+    bar on stderr (images, img/s, ETA; ``fastp2p.report.progress_bar``)."""
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise UserError(f"--checkpoint not found: {checkpoint}")
     files = collect_inputs(list(inputs))
@@ -142,7 +145,7 @@ def translate_paths(inputs, checkpoint, out, *, mode=None, direction=None, layou
         info.add_text(k, v)
     dst_of = dict(zip(files, dsts, strict=True))
     written = []
-    with torch.inference_mode():
+    with torch.inference_mode(), progress_bar(len(files), "translate", progress) as bar:
         for i in range(0, len(files), batch_size):
             chunk = files[i:i + batch_size]
             x = np.stack([load_source(f, direction, layout, crop_size, in_nc, max_pixels) for f in chunk])
@@ -152,4 +155,5 @@ def translate_paths(inputs, checkpoint, out, *, mode=None, direction=None, layou
                 with outputs.writing(dst, "-o"):
                     Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(dst, pnginfo=info)
                 written.append(dst)
+            bar.update(len(chunk))
     return written

@@ -248,7 +248,7 @@ CASES = [
     ("convert/--netG contradicts", ["convert", "{e}/G.safetensors", "-o", "{o}/x.pth", "--to", "reference",
                                     "--netG", "unet_256"], ["--netG unet_256"]),
     ("convert/text file", ["convert", "{e}/notes.txt", "-o", "{o}/x.safetensors"], ["notes.txt"]),
-    ("info/an engine", ["info", "{e}/G.onnx"], ["G.onnx", "engine"]),
+    ("info/not an onnx file", ["info", "{e}/fake.onnx"], ["fake.onnx", "not a readable ONNX"]),
     ("info/a folder", ["info", "{e}/folder.safetensors"], ["folder.safetensors", "folder"]),
     ("info/a text file", ["info", "{e}/notes.txt"], ["notes.txt"]),
     ("bench/--large-batch 0", ["bench", "train", "--large-batch", "0"], ["--large-batch"]),

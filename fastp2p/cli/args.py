@@ -113,6 +113,8 @@ def check_arch_flags(args, src, flag: str = "--checkpoint") -> None:
         return  # unreadable: the loader says so, naming the file
     for k, v in given.items():
         have = model.get(k)
+        if k == "norm" and have == "sync_batch":  # trained with sync_batch: batch norm's modules and keys
+            have = "batch"
         if have is not None and have != v:
             shown = "--no_dropout" if k == "no_dropout" else f"--{k} {v}"
             has = ("without dropout" if have else "with dropout") if k == "no_dropout" else f"--{k} {have}"
@@ -146,12 +148,44 @@ def add_overwrite(p: argparse.ArgumentParser, ours: str) -> None:
                         "(inputs never are)")
 
 
-def add_arch(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--netG", choices=("unet_256", "unet_128"), default=None, help="generator (default unet_256)")
-    p.add_argument("--norm", choices=("batch", "instance", "none", "sync_batch"), default=None,
-                   help="normalization (default batch); sync_batch: batch norm over all ranks' images (torchrun, CUDA)")
-    p.add_argument("--no_dropout", action="store_true", default=None, help="generator without dropout")
-    p.add_argument("--ngf", type=positive, default=None, help="generator filters in the first conv (default 64)")
+def preset_default(name: str, unit: str = "") -> str:
+    """'default <value> [unit]' of a config field in the default preset, plus each preset that sets another value
+    ('; --preset debug: 128'): help text made from fastp2p.config, so it cannot drift from the code."""
+    from ..config import PRESETS
+
+    def value(cfg):
+        sec = next(s for s in (cfg.model, cfg.data, cfg.train) if hasattr(s, name))
+        v = getattr(sec, name)
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    base = value(PRESETS["default"])
+    others = [f"--preset {n}: {value(c)}" for n, c in PRESETS.items() if n != "default" and value(c) != base]
+    return f"default {base}{' ' + unit if unit else ''}" + (f"; {', '.join(others)}" if others else "")
+
+
+def add_arch(p: argparse.ArgumentParser, *, train: bool = False) -> None:
+    """--netG/--norm/--ngf/--no_dropout. ``train``: the network to build (defaults from --preset; --norm sync_batch,
+    which only a torchrun training run uses); otherwise they describe a reference .pth (a fastp2p checkpoint or an
+    export carries its own, see check_arch_flags), and sync_batch is not offered: it builds the same batch-norm
+    modules and keys as batch, so a checkpoint trained with it loads without any flag."""
+    base = ModelConfig()
+
+    def dflt(name: str) -> str:
+        return preset_default(name) if train else f"default: the checkpoint's, {getattr(base, name)} for a .pth"
+
+    p.add_argument("--netG", choices=("unet_256", "unet_128"), default=None,
+                   help=f"generator: 8-level (unet_256) or 7-level (unet_128) U-Net ({dflt('netG')})")
+    norms = ("batch", "instance", "none") + (("sync_batch",) if train else ())
+    p.add_argument("--norm", choices=norms, default=None,
+                   help=f"normalization ({dflt('norm')})" + ("; sync_batch: batch norm over all ranks' images "
+                                                             "(torchrun, CUDA)" if train else ""))
+    p.add_argument("--no_dropout", action="store_true", default=None,
+                   help=("architecture: build and train G without dropout layers (without it: the paper's dropout)"
+                         if train else "architecture: a generator without dropout layers (default: the checkpoint's, "
+                         "with dropout for a .pth)") + "; not --no_dropout_at_inference, which runs a dropout "
+                        "generator's paper mode with dropout switched off")
+    p.add_argument("--ngf", type=positive, default=None,
+                   help=f"generator filters in the first conv ({dflt('ngf')})")
 
 
 def arch_from(args) -> ModelConfig:
@@ -160,3 +194,14 @@ def arch_from(args) -> ModelConfig:
                        ngf=args.ngf or base.ngf)
 
 
+
+
+def add_inference_flags(p: argparse.ArgumentParser) -> None:
+    """--crop_size, --no_dropout_at_inference, --device: how translate and eval run a checkpoint."""
+    p.add_argument("--crop_size", type=positive, default=None,
+                   help="model input size in pixels (default: the checkpoint's)")
+    p.add_argument("--no_dropout_at_inference", action="store_true",
+                   help="paper mode with the generator's dropout switched off (deterministic); without it paper "
+                        "mode draws the paper's dropout, seeded by --seed. Not --no_dropout, which describes a .pth "
+                        "generator built without dropout layers")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cpu (cuda for a TensorRT plan)")

@@ -13,31 +13,36 @@ import argparse
 from pathlib import Path
 
 from ..errors import UserError
+from . import official
 from .args import add_arch, add_overwrite, arch_from, check_arch_flags, check_crop_size, positive
 
 
-def _add_export_flags(p: argparse.ArgumentParser, *, precision_default: str | None) -> None:
+def _add_export_flags(p: argparse.ArgumentParser, *, precision_default: str | None,
+                      mode_default: str = "paper") -> None:
     p.add_argument("--mode", choices=("paper", "eval"), default="paper",
                    help="paper: per-image statistics (instance-norm arithmetic with the batch-norm affine); "
-                        "eval: running statistics folded into the convolutions, no dropout")
+                        f"eval: running statistics folded into the convolutions, no dropout (default {mode_default})")
     drop = p.add_mutually_exclusive_group()
     drop.add_argument("--paper_dropout", action="store_true",
-                      help="paper mode with the paper's dropout baked in as random masks (a new draw every call)")
+                      help="paper mode with the paper's dropout baked in as random masks (a new draw every call); "
+                           "without it: no dropout")
     drop.add_argument("--no_dropout_at_inference", action="store_true",
-                      help="paper mode without dropout: deterministic (the default for exports)")
+                      help="paper mode without dropout: deterministic (the default for exports, so this flag only "
+                           "says it). Not --no_dropout, which describes a .pth generator built without dropout layers")
     default_help = (f"default {precision_default}" if precision_default else
                     "default: fp16 for tensorrt, fp32 for onnxruntime, an .onnx's own")
     p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=precision_default,
                    help=f"weights and activations; input/output stay float32; bf16 needs opset 22 ({default_help})")
     p.add_argument("--dynamic", action="store_true",
-                   help="dynamic height and width (multiples of 2^num_downs); the batch is always dynamic")
+                   help="dynamic height and width (multiples of 2^num_downs); without it: fixed at --crop_size; "
+                        "the batch is always dynamic")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18; 22 for bf16; at least 17)")
     p.add_argument("--crop_size", type=positive, default=None,
-                   help="model input size (default: the checkpoint's; 256 for a reference .pth)")
+                   help="model input size in pixels (default: the checkpoint's; 256 for a reference .pth)")
     p.add_argument("--direction", choices=("AtoB", "BtoA"), default=None,
                    help="recorded in the metadata (default: the checkpoint's, else AtoB)")
     p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
-                   help="torch.onnx exporter (auto: dynamo when onnxscript is installed)")
+                   help="torch.onnx exporter (default %(default)s: dynamo when onnxscript is installed)")
     add_arch(p)
 
 
@@ -45,11 +50,12 @@ def add_parsers(sub) -> None:
     """Add ``export`` and ``build-engine`` to the ``fastp2p`` subparsers."""
     p = sub.add_parser("export", help="export the generator to ONNX",
                        description="Export the generator of a fastp2p checkpoint or a reference .pth to ONNX, in an "
-                                   "explicit inference mode.")
+                                   "explicit inference mode (--mode, default paper: the reference's test.py).")
     p.add_argument("src", metavar="CHECKPOINT", help="fastp2p .safetensors or reference latest_net_G.pth")
     p.add_argument("-o", "--out", required=True, help="output .onnx")
     add_overwrite(p, "ONNX files fastp2p exported")
     _add_export_flags(p, precision_default="fp32")
+    official.add_selection_flags(p, dest="src")  # or --name/--epoch: a run's checkpoint
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("build-engine", help="build a TensorRT engine (or an optimized ONNX Runtime model)",
@@ -57,7 +63,8 @@ def add_parsers(sub) -> None:
                                    "exported .onnx.")
     p.add_argument("src", metavar="CHECKPOINT|ONNX", help="fastp2p .safetensors, reference .pth, or G.onnx")
     p.add_argument("-o", "--out", required=True, help="output: G.plan (tensorrt) or G.ort.onnx (onnxruntime)")
-    p.add_argument("--backend", choices=("tensorrt", "onnxruntime"), default="tensorrt")
+    p.add_argument("--backend", choices=("tensorrt", "onnxruntime"), default="tensorrt",
+                   help="tensorrt: a TensorRT .plan; onnxruntime: an optimized .onnx (default %(default)s)")
     p.add_argument("--batch", default="1,8,32", help="TensorRT profile batch sizes MIN,OPT,MAX (default 1,8,32)")
     p.add_argument("--hw", default=None,
                    help="TensorRT profile sizes MIN,OPT,MAX for a --dynamic export (default size_multiple,crop,crop)")
@@ -67,11 +74,13 @@ def add_parsers(sub) -> None:
                    help="TensorRT workspace limit in MiB (default 4096)")
     p.add_argument("--timing_cache", default=None,
                    help="persistent TensorRT timing cache file (default ~/.cache/fastp2p/tensorrt/timing.cache)")
-    p.add_argument("--tf32", action="store_true", help="let TensorRT use TF32 for fp32 layers")
+    p.add_argument("--tf32", action="store_true",
+                   help="let TensorRT use TF32 for fp32 layers; without it fp32 layers compute in full fp32")
     p.add_argument("--onnx", default=None,
-                   help="where to write the intermediate ONNX of a checkpoint (default: -o with suffix .onnx)")
+                   help="where to write the intermediate ONNX of a checkpoint (default: -o with suffix .onnx; "
+                        "G.src.onnx beside a --backend onnxruntime G.ort.onnx)")
     add_overwrite(p, "files of an earlier build (a plan with its .plan.json sidecar, fastp2p ONNX files)")
-    _add_export_flags(p, precision_default=None)
+    _add_export_flags(p, precision_default=None, mode_default="paper for a checkpoint; an .onnx keeps its own")
     p.set_defaults(func=cmd_build_engine, mode=None)  # None: paper for a checkpoint; an .onnx keeps its own
 
 
@@ -131,6 +140,7 @@ def _check_onnx_source(args, src: Path, meta: dict) -> None:
 
 
 def cmd_export(args) -> int:
+    official.apply_selection(args, "src", "CHECKPOINT")  # --name/--epoch -> CHECKPOINT
     from ..engines.onnx import export_onnx
 
     _check_mode_flags(args)

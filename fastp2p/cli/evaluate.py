@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from . import official
 from .args import (
     add_arch,
+    add_inference_flags,
     add_max_pixels,
     add_overwrite,
     arch_from,
@@ -36,23 +38,28 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--out", default=None,
                    help="output folder (default eval/<file stem>); never the --data folder")
     add_overwrite(p, "the files of an earlier eval's folder")
-    p.add_argument("--batch_size", type=positive, default=1)
-    p.add_argument("--seed", type=seed_int, default=0, help="seed of paper-mode dropout")
-    p.add_argument("--max_images", type=positive, default=None, help="evaluate the first N pairs only")
-    p.add_argument("--crop_size", type=positive, default=None, help="model input size (default: the checkpoint's)")
-    p.add_argument("--no_dropout_at_inference", action="store_true", help="paper mode without dropout")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cpu (cuda for a TensorRT plan)")
+    p.add_argument("--batch_size", type=positive, default=1, help="images per batch (default %(default)s)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of paper-mode dropout (default %(default)s)")
+    p.add_argument("--max_images", type=positive, default=None,
+                   help="evaluate the first N pairs only (default: all)")
+    add_inference_flags(p)
     p.add_argument("--fid_weights", default=None,
-                   help="local TorchScript inception-2015-12-05.pt (StyleGAN2-ADA / clean-fid); enables FID")
+                   help="local TorchScript inception-2015-12-05.pt (StyleGAN2-ADA / clean-fid); enables FID "
+                        "(default: no FID)")
     p.add_argument("--lpips_weights", default=None,
                    help="local TorchScript LPIPS module: model(a, b) on [-1, 1] images -> one distance per image, "
-                        'e.g. torch.jit.trace(lpips.LPIPS(net="alex").eval(), (x, x)).save(...); enables LPIPS')
+                        'e.g. torch.jit.trace(lpips.LPIPS(net="alex").eval(), (x, x)).save(...); enables LPIPS '
+                        "(default: no LPIPS)")
+    p.add_argument("--no_progress", action="store_true",
+                   help="no progress bar; without it a bar (images, img/s, ETA) on stderr when it is a terminal")
     add_max_pixels(p)
     add_arch(p)
+    official.add_test_flags(p)  # test.py's options; --name/--epoch pick a run's checkpoint
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
+    official.apply_test(args)  # test.py's options -> eval's flags
     from ..evaluate import _fmt, evaluate, skip_line
 
     check_source_flags(args)
@@ -62,10 +69,10 @@ def cmd_eval(args) -> int:
                  dropout=False if args.no_dropout_at_inference else None, model=arch_from(args),
                  crop_size=args.crop_size, batch_size=args.batch_size, seed=args.seed, device=args.device,
                  fid_weights=args.fid_weights, lpips_weights=args.lpips_weights, max_images=args.max_images,
-                 quiet=True, overwrite=args.overwrite, max_pixels=args.max_pixels)
+                 quiet=True, overwrite=args.overwrite, max_pixels=args.max_pixels, progress=not args.no_progress)
     if r["skipped"]:
         print(f"fastp2p: {skip_line(r['skipped'])}", file=sys.stderr)
     print(f"eval: {r['images']} image(s)  L1 {_fmt('L1', r['L1'])}  PSNR {_fmt('PSNR', r['PSNR'])} dB  "
           f"SSIM {_fmt('SSIM', r['SSIM'])}  FID {_fmt('FID', r['FID'])}  LPIPS {_fmt('LPIPS', r['LPIPS'])}  "
-          f"-> {Path(r['out']) / 'index.html'}")
+          f"-> {Path(r['out']) / 'index.html'} (with images/ beside it)")
     return 0

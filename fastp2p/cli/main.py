@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if getattr(args, "nproc", None):  # train --nproc N re-runs this command line under torchrun
-            args.argv = list(sys.argv[1:] if argv is None else argv)
+        # train --nproc N (or --gpu_ids 0,1) re-runs this command line under torchrun
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="fastp2p: %(message)s",
                             stream=sys.stderr)
         _image_warnings_are_errors()

@@ -6,8 +6,10 @@ import logging
 from pathlib import Path
 
 from ..errors import UserError
+from . import official
 from .args import (
     add_arch,
+    add_inference_flags,
     add_max_pixels,
     add_overwrite,
     arch_from,
@@ -38,20 +40,25 @@ def add_parser(sub) -> None:
     p.add_argument("--direction", choices=("AtoB", "BtoA"), default=None,
                    help="which half of an aligned A|B input is the source (default: the checkpoint's, else AtoB)")
     p.add_argument("--layout", choices=("auto", "aligned", "single"), default="auto",
-                   help="aligned: inputs are A|B pairs; single: plain images; auto: aligned when width == 2 x height")
-    p.add_argument("--batch_size", type=positive, default=None, help="default: 1 for images, 8 for a video")
-    p.add_argument("--crop_size", type=positive, default=None, help="model input size (default: the checkpoint's)")
-    p.add_argument("--no_dropout_at_inference", action="store_true", help="paper mode without dropout")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cpu (cuda for a TensorRT plan)")
-    p.add_argument("--seed", type=seed_int, default=0, help="seed of paper-mode dropout")
+                   help="aligned: inputs are A|B pairs; single: plain images; auto: aligned when width == 2 x height "
+                        "(default %(default)s)")
+    p.add_argument("--batch_size", type=positive, default=None,
+                   help="images (video: frames) per batch (default: 1 image, 8 frames for a video)")
+    add_inference_flags(p)
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of paper-mode dropout (default %(default)s)")
     p.add_argument("--kernels", choices=("triton", "torch"), default=None,
                    help="fused Triton norm+activation kernels (checkpoints; default: triton with CUDA, else torch)")
+    p.add_argument("--no_progress", action="store_true",
+                   help="no progress bar; without it a bar (images or frames, per second, ETA) on stderr (for "
+                        "images only when stderr is a terminal)")
     add_max_pixels(p)
     add_arch(p)
+    official.add_translate_flags(p)  # --name/--epoch pick a run's checkpoint; test.py's --model, --gpu_ids
     p.set_defaults(func=cmd_translate)
 
 
 def cmd_translate(args) -> int:
+    official.apply_translate(args)  # the official options -> translate's flags
     from ..translate import translate_paths
     from ..video import is_video_path, translate_video
 
@@ -69,7 +76,8 @@ def cmd_translate(args) -> int:
                             f"in --mode eval unless told); leave {' '.join(unused)} out")
         out = translate_video(args.inputs[0], args.out, checkpoint=args.checkpoint, engine=args.engine,
                               batch_size=args.batch_size or 8, mode=args.mode, device=args.device,
-                              model=arch_from(args), overwrite=args.overwrite, max_pixels=args.max_pixels)
+                              model=arch_from(args), overwrite=args.overwrite, max_pixels=args.max_pixels,
+                              progress=not args.no_progress)
         print(f"wrote {out}")
         return 0
 
@@ -77,7 +85,7 @@ def cmd_translate(args) -> int:
                               layout=args.layout, batch_size=args.batch_size or 1, crop_size=args.crop_size,
                               model=arch_from(args), dropout=False if args.no_dropout_at_inference else None,
                               device=args.device, seed=args.seed, engine=args.engine, kernels=args.kernels,
-                              overwrite=args.overwrite, max_pixels=args.max_pixels)
+                              overwrite=args.overwrite, max_pixels=args.max_pixels, progress=not args.no_progress)
     print(f"wrote {len(written)} image(s) to {args.out}")
     return 0
 
@@ -87,18 +95,23 @@ def add_pipe_parser(sub) -> None:
                        description="Raw RGB24 frames of --size WxH on stdin -> translated raw RGB24 frames of the "
                                    "same size on stdout; logs go to stderr. E.g. ffmpeg -i in.mp4 -f rawvideo "
                                    "-pix_fmt rgb24 - | fastp2p pipe --size 640x360 --checkpoint G.safetensors | "
-                                   "ffmpeg -f rawvideo -pix_fmt rgb24 -s 640x360 -i - out.mp4")
+                                   "ffmpeg -f rawvideo -pix_fmt rgb24 -s 640x360 -framerate 30000/1001 -i - "
+                                   "-pix_fmt yuv420p out.mp4 (raw frames carry no rate: give the output ffmpeg the "
+                                   "input's -framerate, from `ffprobe -v error -select_streams v:0 -show_entries "
+                                   "stream=width,height,r_frame_rate -of csv=p=0 in.mp4`, or it plays at 25 fps)")
     p.add_argument("--size", required=True, help="frame size WIDTHxHEIGHT, e.g. 640x360")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="fastp2p .safetensors or reference latest_net_G.pth")
     src.add_argument("--engine", help="an exported G.onnx (ONNX Runtime) or G.plan (TensorRT)")
-    p.add_argument("--batch_size", type=positive, default=4)
+    p.add_argument("--batch_size", type=positive, default=4, help="frames per batch (default %(default)s)")
     p.add_argument("--max_latency_ms", type=bounded_float(0.0), default=100.0,
-                   help="send a partial batch after this long without a full one (>= 0; default 100)")
+                   help="send a partial batch after this many ms without a full one (>= 0; default %(default)g ms)")
     p.add_argument("--mode", choices=("paper", "eval"), default=None,
                    help="default eval for checkpoints (running stats, no dropout: temporally stable)")
-    p.add_argument("--fit", choices=("pad", "resize"), default="pad")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    p.add_argument("--fit", choices=("pad", "resize"), default="pad",
+                   help="frames of a size the model does not take: pad (edge-replicate letterbox, cropped back) or "
+                        "resize (stretched and back) (default %(default)s)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cpu (cuda for a TensorRT plan)")
     add_max_pixels(p)
     add_arch(p)
     p.set_defaults(func=cmd_pipe)
