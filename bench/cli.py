@@ -18,7 +18,11 @@ def _positive(v: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("section", choices=("train", "infer", "data", "kernels", "all"), help="what to measure")
-    p.add_argument("--quick", action="store_true", help="fewer repeats, same models (CPU train ladder < 3 min)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats, same models (CPU train ladder: 129 s on a "
+                   "2-core EPYC at load ~2.5, under 3 min when the cores are free)")
+    p.add_argument("--contention", action="store_true",
+                   help="train only: the main job (--preset debug) quiet vs beside one busy process, alternating, "
+                   "3 runs each (bench/contention.py; ~3 min on 2 cores)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--json", default=None, metavar="PATH", help="write every number (and every repeat) here")
     p.add_argument("--plot", default=None, metavar="PNG", help="bar chart of the train ladder")
@@ -41,6 +45,14 @@ def run(args) -> int:
     import torch
     from fastp2p.bench import harness, ladder
 
+    if getattr(args, "contention", False):
+        if args.section != "train":
+            print("fastp2p bench: --contention measures training only; use `fastp2p bench train --contention`",
+                  file=sys.stderr)
+            return 2
+        from fastp2p.bench import contention
+
+        return contention.run(argparse.Namespace(steps=60, rounds=3, neighbours=1, env=[]), args.json)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("fastp2p bench: --device cuda but no CUDA device is available here", file=sys.stderr)
@@ -70,6 +82,11 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    import os
+
+    # Before torch loads (the OpenMP runtime reads it once): short spin-waits (fastp2p.perf.WAIT_ENV).
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+    os.environ.setdefault("KMP_BLOCKTIME", "1")
     p = argparse.ArgumentParser(prog="fastp2p bench")
     add_arguments(p)
     args = p.parse_args(argv)

@@ -6,7 +6,8 @@ against a faithful eager fp32 implementation of the reference (``baseline``), in
 Rungs are interleaved round by round (baseline, then each fastp2p rung, repeated) so a noisy shared machine slows them
 alike; the table reports medians. Timings exclude warm-up; compile time, where a rung compiles, is reported apart.
 Achieved GFLOP/s counts FLOPs with ``torch.utils.flop_counter`` and is shown as a share of the matmul peak measured in
-the same run. Peak RSS is the process high-water mark while the rung ran (``/proc/self/clear_refs``).
+the same run for the rung's dtype (fp32 rungs: the fp32 peak; bf16 rungs: the bf16 peak, n/a without native bf16).
+Peak RSS is the process high-water mark while the rung ran (``/proc/self/clear_refs``).
 """
 
 from __future__ import annotations
@@ -81,9 +82,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_peak_gflops(n: int = 1024, repeats: int = 7) -> float:
-    """Measured fp32 GEMM rate (the roofline's compute ceiling on this machine), median of ``repeats``."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(n: int = 1024, repeats: int = 7, dtype: torch.dtype = torch.float32) -> float:
+    """Measured GEMM rate in ``dtype`` (the roofline's compute ceiling on this machine), median of ``repeats``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     ts = []
@@ -92,6 +93,25 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 7) -> float:
         a @ b
         ts.append(time.perf_counter() - t)
     return 2 * n**3 / statistics.median(ts) / 1e9
+
+
+def peak_for(dtype: str, peaks: dict) -> tuple[str, float | None]:
+    """``(peak_key, GFLOP/s)`` a row computing in ``dtype`` (fp32 / bf16 / fp16) is measured against; the rate is
+    None (n/a) where that dtype's peak was not measured (bf16 without native support): never another dtype's."""
+    v = peaks.get(dtype)
+    return dtype, (v if isinstance(v, float) else None)
+
+
+def cpu_peaks() -> dict:
+    """fp32 and (where native) bf16 matmul peaks of this CPU, keyed as ``harness.matmul_peaks`` keys them."""
+    from fastp2p.perf import cpu_has_native_bf16
+
+    peaks: dict = {"fp32": matmul_peak_gflops()}
+    if cpu_has_native_bf16():
+        peaks["bf16"] = matmul_peak_gflops(dtype=torch.bfloat16)
+    else:
+        peaks["bf16_note"] = "n/a: no native bf16 on this CPU"
+    return peaks
 
 
 # -- rungs --
@@ -106,6 +126,7 @@ class Rung:
     peak_rss_mb: float = 0.0
     setup_s: float = 0.0
     skipped: str | None = None
+    dtype: str = "fp32"  # the dtype its matmuls run in: the peak it is a share of (harness.peak_for)
 
 
 class BaselineTrain:
@@ -201,7 +222,8 @@ def train_rungs(args) -> list[Rung]:
         work = kls(cfg, loader(workers))
         for _ in range(args.warmup):
             work()
-        r = Rung(name, label, work, args.batch_size, setup_s=time.perf_counter() - t0)
+        r = Rung(name, label, work, args.batch_size, setup_s=time.perf_counter() - t0,
+                 dtype="bf16" if cfg.train.amp else "fp32")
         r.flops = count_flops(work)
         rungs.append(r)
     return rungs
@@ -254,7 +276,7 @@ def infer_rungs(args) -> list[Rung]:
 
         opt16()
         rungs.append(Rung(name, f"{label} (max abs err {err16:.1e})", opt16, bs, flops=count_flops(eager),
-                          setup_s=setup16))
+                          setup_s=setup16, dtype="bf16"))
     return rungs
 
 
@@ -270,7 +292,9 @@ def run_rounds(rungs: list[Rung], rounds: int, per_round: int) -> None:
             r.peak_rss_mb = max(r.peak_rss_mb, peak_rss_mb())
 
 
-def summarize(rungs: list[Rung], peak: float, baseline_of) -> list[dict]:
+def summarize(rungs: list[Rung], peaks: dict, baseline_of) -> list[dict]:
+    """Rows with medians; GFLOP/s as a share of the matmul peak of the rung's own dtype (bf16 rungs: the bf16 peak,
+    None where bf16 has no measured peak)."""
     rows = []
     by_name = {r.name: r for r in rungs}
     for r in rungs:
@@ -278,15 +302,19 @@ def summarize(rungs: list[Rung], peak: float, baseline_of) -> list[dict]:
         if r.skipped is None:
             med = statistics.median(r.times)
             base = by_name[baseline_of(r.name)]
+            key, peak = peak_for(r.dtype, peaks)
             row.update(ms_per_iter=med * 1e3, img_per_s=r.items / med, speedup=statistics.median(base.times) / med,
-                       gflops=r.flops / med / 1e9, pct_matmul_peak=100 * r.flops / med / 1e9 / peak,
+                       gflops=r.flops / med / 1e9, peak_key=key,
+                       pct_matmul_peak=100 * r.flops / med / 1e9 / peak if peak else None,
                        peak_rss_mb=r.peak_rss_mb, setup_s=r.setup_s, repeats_s=r.times)
         rows.append(row)
     return rows
 
 
-def print_table(rows: list[dict], peak: float) -> None:
-    print(f"\nmatmul peak (fp32 sgemm 1024^3, measured): {peak:.1f} GFLOP/s")
+def print_table(rows: list[dict], peaks: dict) -> None:
+    print("\nmatmul peak (1024^3, measured, GFLOP/s): " + ", ".join(
+        [f"{k} {v:.1f}" for k, v in peaks.items() if isinstance(v, float)]
+        + ([f"bf16 {peaks['bf16_note']}"] if "bf16_note" in peaks else [])))
     head = f"{'rung':<24}{'ms/iter':>10}{'img/s':>9}{'speedup':>9}{'GFLOP/s':>9}{'% peak':>8}{'RSS MB':>9}  note"
     print(head)
     print("-" * len(head))
@@ -294,8 +322,9 @@ def print_table(rows: list[dict], peak: float) -> None:
         if r["skipped"]:
             print(f"{r['rung']:<24}{'skipped':>10}  {r['skipped']}")
             continue
+        pct = f"{r['pct_matmul_peak']:>7.0f}%" if r["pct_matmul_peak"] is not None else f"{'n/a':>8}"
         print(f"{r['rung']:<24}{r['ms_per_iter']:>10.1f}{r['img_per_s']:>9.2f}{r['speedup']:>8.2f}x"
-              f"{r['gflops']:>9.1f}{r['pct_matmul_peak']:>7.0f}%{r['peak_rss_mb']:>9.0f}  {r['label']}")
+              f"{r['gflops']:>9.1f}{pct}{r['peak_rss_mb']:>9.0f}  {r['label']}")
 
 
 def main(argv=None) -> int:
@@ -312,20 +341,21 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.rounds, args.per_round, args.warmup = 2, 1, 1
-    peak = matmul_peak_gflops()
+    peaks = cpu_peaks()  # fp32, and bf16 where native: each row against its own dtype's peak
     rows: list[dict] = []
     if args.only in (None, "train"):
         rungs = train_rungs(args)
         run_rounds(rungs, args.rounds, args.per_round)
-        rows += summarize(rungs, peak, lambda n: "baseline")
+        rows += summarize(rungs, peaks, lambda n: "baseline")
     if args.only in (None, "infer"):
         rungs = infer_rungs(args)
         run_rounds(rungs, args.rounds, args.per_round * 2)
-        rows += summarize(rungs, peak, lambda n: "-".join(n.split("-")[:2]) + "-baseline")
-    result = {"env": environment(), "matmul_peak_gflops": peak, "config": vars(args), "rows": rows,
+        rows += summarize(rungs, peaks, lambda n: "-".join(n.split("-")[:2]) + "-baseline")
+    result = {"env": environment(), "matmul_peak_gflops": peaks["fp32"], "matmul_peaks": peaks, "config": vars(args),
+              "rows": rows,
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print_table(rows, peak)
+    print_table(rows, peaks)
     print(f"\nJSON: {args.json}")
     return 0
 

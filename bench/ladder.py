@@ -11,7 +11,8 @@ Every rung trains on the same random (not zero) in-memory batch, so input loadin
 ``data-included`` is the last measured rung's config fed by the real loader (facades, else the synthetic set).
 FLOPs: one baseline step under ``torch.utils.flop_counter`` per batch size; every rung of that batch does the same
 math, so its TFLOP/s = those FLOPs / its median step time, shown as a share of the matmul peak measured in this run
-(fp32 peak; AMP rungs against the AMP dtype's peak).
+for the dtype the rung computes in (fp32 rungs against the fp32 peak, bf16 AMP rungs against the bf16 peak, measured
+only where bf16 is native, else n/a).
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def train_rungs(plan: Plan, batches, log=print) -> tuple[list[Rung], dict]:
                 step()
             harness.sync(plan.device)
             rungs.append(mk(f"{group}:{name}", label, run=step, setup_s=time.perf_counter() - t0, flops=flops,
-                            amp=bool(kw.get("amp")), extra={"train_config": dict(kw)}))
+                            amp=bool(kw.get("amp")), dtype=compute_dtype(bool(kw.get("amp")), dev),
+                            extra={"train_config": dict(kw)}))
             last_live_kw = dict(kw)
         rungs.append(mk(f"{group}:cuda-graphs", "+ CUDA graph capture of the whole step",
                         skipped="not implemented: the trainer has no CUDA-graph capture yet"
@@ -184,9 +186,17 @@ def train_rungs(plan: Plan, batches, log=print) -> tuple[list[Rung], dict]:
                      + (" (2 workers)" if kind != "gpu-cache" else "")
                      + f" from {'facades' if root.is_dir() else 'the synthetic set'}")
             rungs.append(mk(f"{group}:{name}", label, run=step_data, setup_s=time.perf_counter() - t0, flops=flops,
-                            amp=bool(last_live_kw.get("amp")), extra={"train_config": dict(last_live_kw),
-                                                                      "loader": kind}))
+                            amp=bool(last_live_kw.get("amp")), dtype=compute_dtype(bool(last_live_kw.get("amp")), dev),
+                            extra={"train_config": dict(last_live_kw), "loader": kind}))
     return rungs, config
+
+
+def compute_dtype(amp: bool, device: torch.device) -> str:
+    """The dtype a rung's matmuls run in, as ``matmul_peaks`` keys it: the AMP dtype under ``--amp``, else fp32."""
+    from fastp2p.train import amp_dtype
+
+    dt = amp_dtype(device) if amp else None
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, "fp32")
 
 
 def _triton_skip(device: str) -> str | None:

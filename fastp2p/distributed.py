@@ -311,23 +311,73 @@ def strip_nproc(argv: list[str]) -> list[str]:
 
 
 def launch(argv: list[str], nproc: int) -> int:
-    """``fastp2p train --nproc N``: run ``python -m torch.distributed.run --standalone --nproc_per_node N -m fastp2p
-    <argv without --nproc>`` and return its exit code.
+    """``fastp2p train --nproc N``: run torchrun (``python -m torch.distributed.run --standalone --nproc_per_node N
+    -m fastp2p <argv without --nproc>``, through ``run_torchrun``) and return its exit code.
 
     Each rank gets ``cores / N`` CPU threads unless ``OMP_NUM_THREADS`` is set (torchrun alone would give each one
-    thread). torchrun runs in its own session and a Ctrl-C here is passed on to it once, so every rank sees exactly
-    one SIGINT: they agree on a step, save and stop (from a terminal, plain torchrun's ranks get the terminal's SIGINT
-    and torchrun's forwarded one, and the second aborts without the final save)."""
+    thread; cores: this process's affinity, ``fastp2p.perf.available_cores``). torchrun runs in its own session and
+    a Ctrl-C (or SIGTERM) here is passed on to it once, so every rank sees exactly one signal: they agree on a step,
+    save and stop, and the exit code is 128 + the signal (130, 143). From a terminal, plain torchrun's ranks would get
+    the terminal's SIGINT and torchrun's forwarded one, and the second aborts without the final save."""
     if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:
         raise UserError("--nproc: already running under torchrun; drop --nproc (torchrun's --nproc_per_node sets it)")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+    from .perf import WAIT_ENV, available_cores, thread_plan
+
+    cmd = [sys.executable, "-m", "fastp2p.distributed", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "fastp2p", *strip_nproc(argv)]
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    log.info("launching %d processes: %s", nproc, " ".join(cmd[1:]))
+    env.setdefault("OMP_NUM_THREADS", str(thread_plan(0, available_cores(), nproc)[0]))
+    # Short OpenMP spin-waits: N ranks' spinning threads would starve each other (fastp2p.perf.WAIT_ENV).
+    for k, v in WAIT_ENV.items():
+        env.setdefault(k, v)
+    log.info("launching %d processes: torchrun %s", nproc, " ".join(cmd[3:]))
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)  # once per Ctrl-C; a second Ctrl-C aborts the ranks without a save
+
+    def forward_term(signum, frame):  # `timeout`, Slurm, Kubernetes: without it torchrun would outlive this process
+        proc.send_signal(signal.SIGTERM)
+
+    old = signal.signal(signal.SIGTERM, forward_term) if _main_thread() else None
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                proc.send_signal(signal.SIGINT)  # once per Ctrl-C; a second Ctrl-C aborts the ranks without a save
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class _QuietStop(logging.Filter):
+    """Drops torchrun's two log lines about forwarding a stop signal to the ranks (the ranks say it themselves);
+    anything else, including "unable to shutdown ... forcefully exiting", still prints."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not ("death signal" in msg or "closing signal" in msg)
+
+
+def run_torchrun(argv: list[str]) -> int:
+    """torchrun's ``main`` (``torch.distributed.run``) with a stop signal made an exit code: torchrun forwards a
+    SIGINT / SIGTERM it receives to every rank, waits for them (they save and exit), then raises ``SignalException``,
+    which plain torchrun prints as a traceback; here that is exit code 128 + the signal instead."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main as torchrun
+
+    for name in ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api"):
+        logging.getLogger(name).addFilter(_QuietStop())
+    try:
+        torchrun(argv)
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    return 0
+
+
+if __name__ == "__main__":  # `python -m fastp2p.distributed <torchrun arguments>`: what `launch` runs
+    sys.exit(run_torchrun(sys.argv[1:]))

@@ -27,6 +27,7 @@ import copy
 import ctypes
 import ctypes.util
 import logging
+import os
 import time
 
 import torch
@@ -455,6 +456,46 @@ def cpu_has_native_bf16() -> bool:
         return "avx512_bf16" in flags or "amx_bf16" in flags
     except OSError:
         return False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CPU threads
+# ---------------------------------------------------------------------------------------------------------------------
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask: taskset, cgroup cpusets, Slurm), not the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# OpenMP waiting, set in the environment before torch loads (the runtime reads it once): a thread that finishes its
+# part of a parallel region spins 1,000 rounds, then sleeps. Debug-preset step, ms (2-core EPYC, interleaved):
+#   idle machine:          default spin (300,000) 31-50, GOMP_SPINCOUNT=1000 42-58, OMP_WAIT_POLICY=PASSIVE 76-126
+#   one busy neighbour:    default 219-224,             1000 90-92,               PASSIVE 60-65
+# PASSIVE wins under load but costs ~2.4x on an idle VM (waking a halted vCPU per region); 1000 keeps an idle machine
+# within ~1.2x and a shared one within ~2.5x. KMP_BLOCKTIME is the same knob (ms) for Intel's OpenMP (conda builds).
+WAIT_ENV = {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "1"}
+
+
+def local_processes() -> int:
+    """Training processes sharing this machine's cores: torchrun's ``LOCAL_WORLD_SIZE``, else 1."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def thread_plan(num_workers: int, cores: int, nproc: int = 1) -> tuple[int, int]:
+    """``(intra-op threads, DataLoader workers)`` for one of ``nproc`` training processes on ``cores`` cores: each
+    process gets an equal share of the cores (at least one) as threads, and at most that many worker processes.
+
+    Waiting, not the thread count, is what made a busy neighbour so costly: libgomp's threads spin (300,000 rounds)
+    at the end of every parallel region, and on 2 cores beside one busy process the spinning thread starves the one
+    it waits for (debug preset: 26 -> 1.9 img/s). ``WAIT_ENV`` (set by the CLI before torch loads) cuts the spin to
+    1,000 rounds; see bench/README.md ("CPU threads") for the measurements."""
+    share = max(1, cores // max(1, nproc))
+    return share, max(0, min(num_workers, share))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

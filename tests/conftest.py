@@ -1,8 +1,13 @@
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# As the CLI does before torch loads (fastp2p.cli.main, fastp2p.perf.WAIT_ENV): short OpenMP spin-waits, so the suite
+# does not slow down many times over when another process shares the cores.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+os.environ.setdefault("KMP_BLOCKTIME", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Triton kernels run on the CPU only in interpreter mode, which must be chosen before any @triton.jit decorator runs.
 if not torch.cuda.is_available():

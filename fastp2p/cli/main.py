@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from .. import __version__
@@ -81,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # OpenMP reads these once, when torch loads (nothing above imports it): short spin-waits, so a thread waiting at
+    # the end of a parallel region yields its core (fastp2p.perf.WAIT_ENV: 14-27x slower beside one busy process on
+    # 2 cores with the default spinning, 2.4x with these). The user's own settings win.
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+    os.environ.setdefault("KMP_BLOCKTIME", "1")
     try:
         args = build_parser().parse_args(argv)
         # train --nproc N (or --gpu_ids 0,1) re-runs this command line under torchrun

@@ -35,6 +35,7 @@ one-line ``DataError`` / ``UserError`` that ``num_workers=0`` gives.
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 from collections.abc import Iterator, Sequence
@@ -47,6 +48,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 
 from ..errors import DataError, UserError
 from .datasets import BadFile, Pair, PairDataset, derive_seed
+
+log = logging.getLogger("fastp2p.data")
 
 # Key slot that no item index can take (derive_seed maps -1 to 2**64 - 1): keeps the shuffle and worker-seed streams
 # apart from the per-item jitter streams derive_seed(seed, epoch, index).
@@ -214,13 +217,27 @@ class EpochLoader:
         self.next_epoch = epoch + 1
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave Ctrl-C and SIGTERM to the main process: a signal sent to the whole process group (a terminal's
-    Ctrl-C, Slurm, Kubernetes, ``timeout``) would otherwise kill them mid-batch, and DataLoader then raises "worker
-    ... is killed by signal" in the main process before it can save. The main process stops them when it closes the
-    loader; if it dies, each worker's parent watchdog ends it."""
+def _init_worker(worker_id: int) -> None:
+    """Each DataLoader worker process: one intra-op thread, and stop signals left to the main process.
+
+    Threads: a worker decodes and crops one item at a time; more than one torch thread per worker only multiplies
+    the threads competing for the cores the training step uses (DataLoader sets 1 too; this keeps it whatever the
+    torch version). Signals: a signal sent to the whole process group (a terminal's Ctrl-C, Slurm, Kubernetes,
+    ``timeout``) would otherwise kill the workers mid-batch, and DataLoader then raises "worker ... is killed by
+    signal" in the main process before it can save. The main process stops them when it closes the loader; if it
+    dies, each worker's parent watchdog ends it."""
+    torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def effective_workers(num_workers: int, cores: int | None = None) -> int:
+    """``num_workers`` capped by the cores this process may use (its affinity mask, shared with the other training
+    processes of this machine under torchrun). More worker processes than cores only take turns on them; the batches
+    are the same for any worker count (every item's randomness is seeded from ``(seed, epoch, index)``)."""
+    from ..perf import available_cores, local_processes, thread_plan
+
+    return thread_plan(num_workers, available_cores() if cores is None else cores, local_processes())[1]
 
 
 class PairLoader(EpochLoader):
@@ -242,6 +259,12 @@ class PairLoader(EpochLoader):
         self.pin_memory = pin_memory
         self.sampler = EpochSampler(len(dataset), seed, shuffle, shard_id, num_shards, drop_last)
         self.next_epoch = 0  # the epoch plain iteration runs
+        self.requested_workers = num_workers
+        num_workers = effective_workers(num_workers)
+        if num_workers < self.requested_workers:
+            log.info("--num_workers %d: using %d, the cores this process may use (the batches are the same)",
+                     self.requested_workers, num_workers)
+        self.num_workers = num_workers
         workers = num_workers > 0
         self._loader = DataLoader(
             _Guarded(dataset),
@@ -253,7 +276,7 @@ class PairLoader(EpochLoader):
             drop_last=drop_last,
             # Workers start once and live across epochs (the dataset index and decoded state are not rebuilt).
             persistent_workers=workers,
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=_init_worker,
             prefetch_factor=prefetch_factor if workers else None,
             # DataLoader draws each iterator's worker base seed from this generator; without one it would draw from
             # (and so advance) the global torch RNG that model init and dropout use. Items never use worker seeds.
