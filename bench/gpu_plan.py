@@ -426,7 +426,7 @@ def tf32_check(device: str) -> dict:
     import torch
 
     out: dict = {"before": backend_flags()}
-    set_legacy_tf32(True)  # fastp2p.train.Trainer.__init__ on CUDA
+    set_legacy_tf32(True)  # as fastp2p.train.SPEED_FLAGS sets them around a step
     out["after_legacy_tf32"] = backend_flags()
     out["consistent"] = not any(str(v).startswith("error") for v in out["after_legacy_tf32"].values())
     if device == "cuda":
@@ -770,6 +770,7 @@ def _measure_train(ctx: Ctx, label: str, batch: int, reps: int, warmup: int, pro
         t0 = time.perf_counter()
         torch.manual_seed(0)
         tr = Trainer(cfg, ctx.device)
+        step_flags = dict(getattr(tr, "backend_flags", {}))  # set around the trainer's step only (SPEED_FLAGS)
         tr.train_step(A, B)
         _sync(ctx.device)
         first_s = time.perf_counter() - t0
@@ -799,7 +800,8 @@ def _measure_train(ctx: Ctx, label: str, batch: int, reps: int, warmup: int, pro
                       f"{statistics.median(host):.2f} ms, launches {launches.get('launches')}, peak {mem:.0f} MB, "
                       f"first step {first_s:.1f} s", step_ms=_stats(ms), host_ms=_stats(host),
                       img_per_s=round(batch / med * 1e3, 2), peak_mem_mb=mem, first_step_s=round(first_s, 2),
-                      amp_dtype=amp, losses=loss, backend_flags=backend_flags(), **launches, **fields)
+                      amp_dtype=amp, losses=loss, backend_flags=backend_flags(),
+                      step_backend_flags=step_flags, **launches, **fields)
     return row
 
 

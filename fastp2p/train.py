@@ -8,7 +8,7 @@ Adam(lr, betas=(beta1, 0.999)) for both; the lr follows ``losses.lr_factor`` per
 
 Speed (see ``fastp2p.perf`` for the transforms and their measured effect): fused Adam, one autocast context for
 ``--amp``, ``--compile`` of the step functions, no host syncs in the hot loop (losses are read every ``log_every``
-steps), TF32 and cudnn.benchmark on CUDA.
+steps), TF32 and cudnn.benchmark on CUDA around the trainer's own step (``SPEED_FLAGS``).
 """
 
 from __future__ import annotations
@@ -45,6 +45,40 @@ def amp_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+# The fp32 path's speed settings on NVIDIA GPUs (TF32 tensor cores for matmuls and convolutions, cuDNN autotuning).
+# The reference sets none of them, so its eager baseline runs on torch's defaults: matmul TF32 off, cuDNN conv TF32
+# on, cudnn.benchmark off. Only the legacy setters are used: torch raises when they are mixed with the newer
+# ``fp32_precision`` API, and the legacy ones keep both views in step.
+SPEED_FLAGS = {"cuda.matmul.allow_tf32": True, "cudnn.allow_tf32": True, "cudnn.benchmark": True}
+
+
+def _flag_owner(name: str):
+    owner, attr = torch.backends, name.split(".")
+    for part in attr[:-1]:
+        owner = getattr(owner, part)
+    return owner, attr[-1]
+
+
+def current_backend_flags() -> dict:
+    """The torch.backends flags of SPEED_FLAGS as they are now (what a benchmark row records)."""
+    return {name: getattr(*_flag_owner(name)) for name in SPEED_FLAGS}
+
+
+@contextlib.contextmanager
+def backend_flags(flags: dict):
+    """Set ``torch.backends`` flags (keys as in SPEED_FLAGS) for the duration of the block, then restore them."""
+    old = {}
+    try:
+        for name, value in flags.items():
+            owner, attr = _flag_owner(name)
+            old[name] = getattr(owner, attr)
+            setattr(owner, attr, value)
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(*_flag_owner(name), value)
+
+
 def _adam(params, cfg: Config, device: torch.device) -> torch.optim.Adam:
     t = cfg.train
     # fused=True: one kernel over all parameters instead of ~10 elementwise passes per tensor (CPU: G's optimizer
@@ -67,11 +101,9 @@ class Trainer:
         self.dist = dist if dist is not None else distributed.current(cfg.train.dist_timeout)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
-        if self.device.type == "cuda":
-            # TF32 matmuls/convs and cudnn autotuning: the fp32 path's speed settings on NVIDIA GPUs.
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-            torch.backends.cudnn.benchmark = True
+        # TF32 matmuls/convs and cudnn autotuning on CUDA, set around this trainer's own step only (backend_flags):
+        # a reference-style eager baseline in the same process keeps torch's defaults.
+        self.backend_flags = SPEED_FLAGS if self.device.type == "cuda" else {}
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         m = cfg.model
@@ -148,6 +180,10 @@ class Trainer:
         return loss_gan, loss_l1
 
     def train_step(self, A: torch.Tensor, B: torch.Tensor) -> StepLosses:
+        with backend_flags(self.backend_flags):
+            return self._train_step(A, B)
+
+    def _train_step(self, A: torch.Tensor, B: torch.Tensor) -> StepLosses:
         with self._autocast():
             fake = self.G_run(A)
         self.D.requires_grad_(True)
@@ -386,8 +422,9 @@ def fit(cfg: Config, progress: bool = True, wandb: bool = False) -> dict:
         if stop["sig"] is not None:
             raise KeyboardInterrupt
         stop["sig"] = signal.Signals(signum).name
-        log.warning("%s: stopping after this step and saving a checkpoint (again to abort without saving)",
-                    stop["sig"])
+        if dctx.is_main:  # one stop message for the job, not one per rank
+            log.warning("%s: stopping after this step and saving a checkpoint (again to abort without saving)",
+                        stop["sig"])
 
     main_thread = threading.current_thread() is threading.main_thread()
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}

@@ -116,3 +116,20 @@ def test_step_function_picks_eager_where_graphs_cannot_run():
     assert step_function(tr, False) == tr.train_step
     with pytest.raises(UserError, match="--cuda_graphs: CUDA graphs need --device cuda"):
         step_function(tr, True)
+
+
+def test_speed_flags_apply_around_the_trainers_step_only():
+    """The trainer's TF32 / cudnn.benchmark settings must not leak into a reference baseline in the same process."""
+    from fastp2p.train import SPEED_FLAGS, backend_flags, current_backend_flags
+
+    before = current_backend_flags()
+    flipped = {k: not v for k, v in before.items()}
+    seen = {}
+    with backend_flags(flipped):
+        seen = current_backend_flags()
+    assert seen == flipped and current_backend_flags() == before
+    with pytest.raises(RuntimeError), backend_flags(flipped):
+        raise RuntimeError("a failing step restores them too")
+    assert current_backend_flags() == before
+    assert Trainer(_cfg()).backend_flags == {}  # CPU: torch's defaults
+    assert set(SPEED_FLAGS) == set(before)
