@@ -527,6 +527,9 @@ def apply_training_transforms(G: nn.Module, D: nn.Module, cfg, device) -> tuple[
     if backend == "triton":
         apply_fused_kernels(G, "triton")
         apply_fused_kernels(D, "triton")
+    # The U-Net up path's ReLU(cat) as one write into a preallocated buffer: opt-in until a GPU run confirms it.
+    if os.environ.get(FUSED_SKIPS_ENV, "") == "1":
+        apply_fused_skips(G)
     if device.type == "cpu" and not cl and not getattr(t, "compile", False):
         apply_gemm_convs(G)
         apply_gemm_convs(D)
@@ -742,3 +745,18 @@ def optimize_for_inference(G: nn.Module, example_shape, method: str = "auto", mo
         out.setup_s = time.perf_counter() - t0
         return out
     raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# U-Net skip path
+# ---------------------------------------------------------------------------------------------------------------------
+FUSED_SKIPS_ENV = "FASTP2P_FUSED_SKIPS"
+
+
+def apply_fused_skips(G: nn.Module) -> nn.Module:
+    """The U-Net up path's ``ReLU(cat[a_i, u_{i+1}])`` written once into a preallocated buffer (``fastp2p.kernels.
+    unet_skip``): same math, same state_dict keys, 2 passes over each level's activations instead of 4. In place;
+    returns ``G``. ``apply_training_transforms`` calls it when ``FASTP2P_FUSED_SKIPS=1`` (off by default)."""
+    from .kernels import apply_fused_skips as _apply
+
+    return _apply(G)

@@ -2,6 +2,7 @@
 custom-op + autograd + fake registration, a pure-torch implementation and an ``nn.Module``.
 
     norm_act   fused BatchNorm2d / InstanceNorm2d (+ affine) + LeakyReLU / ReLU / nothing, forward and backward
+    unet_skip  the U-Net up path's ReLU(cat[skip, up]) as one write into a preallocated buffer (``apply_fused_skips``)
 
 ``apply_fused_kernels(model, backend="triton" | "torch")`` swaps a model's norm + activation pairs in place without
 changing its state_dict keys; ``remove_fused_kernels`` undoes it. On a machine without CUDA the Triton kernels run only
@@ -24,6 +25,8 @@ from .norm_act import (
     remove_fused_kernels,
     triton_usable,
 )
+from .unet_skip import FusedSkipUnetGenerator, apply_fused_skips, relu_cat, remove_fused_skips
 
 __all__ = ["ACTS", "PAIRED_LISTS", "STATS", "VARIANTS", "FusedNormAct", "apply_fused_kernels", "default_backend",
-           "default_variant", "norm_act_reference", "norm_kind", "remove_fused_kernels", "triton_usable"]
+           "default_variant", "norm_act_reference", "norm_kind", "remove_fused_kernels", "triton_usable",
+           "FusedSkipUnetGenerator", "apply_fused_skips", "relu_cat", "remove_fused_skips"]

@@ -37,15 +37,17 @@ GPU run confirms v2). Launches per layer, fwd / bwd:
               partial row once, in the reduction kernel's last program per channel block, into db, dw (and the
               per-sample sums instance norm needs), which the dx kernel reads: at most 2 launches.
 
-U-Net skip path (designed, not built yet): the up path computes ReLU(cat[a_i, u_{i+1}]) before every up conv (cat,
-then ReLU: ~4 extra passes over the skip tensors). Since ReLU(LeakyReLU(h)) = ReLU(h) and ReLU commutes with dropout's
-non-negative scaling, a transform (here or in fastp2p.perf, never in the model file) can preallocate each level's
-concatenation buffer, have the down-path norm kernel write a second output ReLU(h_i) into its first C_i channels (next
-to LeakyReLU(h_i) for the down conv), and the up-path norm kernel apply ReLU and write into the remaining channels
-(the (n, c, l) strides of a channel slice of a dense NCHW / NHWC buffer are what the kernels take already). Autograd
-then needs a Function per level that returns the buffer and hands each producer its gradient slice (a strided view:
-no copy); levels with dropout keep a copy into the slice (they are the 2x2..8x8 ones). Test plan: the transformed
-U-Net equals the plain one in float64 terms, forward and every gradient, on UnetGenerator(3, 3, num_downs=5, ngf=4).
+U-Net skip path (``unet_skip``, opt-in: ``apply_fused_skips`` / ``FASTP2P_FUSED_SKIPS=1``): the up path's
+ReLU(cat[a_i, u_{i+1}]) before every up conv is one write, ReLU(a_i) and ReLU(u_{i+1}) into the two channel slices of a
+preallocated buffer (2 passes instead of cat + ReLU's 4; ReLU(LeakyReLU(h)) = ReLU(h), and ReLU commutes with dropout's
+non-negative scaling), with a Function per level whose backward is ReLU's threshold_backward, sliced per producer.
+Tests: tests/test_unet_skip.py (float64, bit-equal to the plain U-Net, forward, every gradient, running statistics).
+Not built yet: these kernels writing the slices themselves, which would drop the remaining read of a_i / u_{i+1}: the
+down-path apply kernel storing a second output ReLU(h_i) into the buffer's first C_i channels (next to LeakyReLU(h_i)
+for the down conv), the up-path one (act="relu", levels without dropout) storing into the rest. The launchers already
+take a channel slice's (n, c, l) strides; missing are an ``out=`` for y (a custom_op cannot return an alias of its
+input, so the level's Function would launch them itself), ``_dense`` accepting a channel-slice ``dy`` without a copy,
+and the second store in ``_apply_tiles``.
 Memory format: NCHW-contiguous and channels-last (NHWC) inputs run as they are (the kernels take (n, c, h*w) strides;
 outputs keep the input's format). A tensor that is neither is made dense *in its suggested format*, never with a bare
 ``.contiguous()``. ``dy`` may come in the other format; it is read through its own strides.
