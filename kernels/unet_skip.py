@@ -15,7 +15,7 @@ takes the skip's (channels-last stays channels-last). Under ``torch.compile`` (f
 ``relu(cat)`` instead: dynamo refuses ``out=`` into a strided view, and inductor fuses the two into one write itself.
 
 ``apply_fused_skips(model)`` switches every ``UnetGenerator`` inside ``model`` to ``FusedSkipUnetGenerator`` (a
-subclass whose forward differs only in that call; same modules, same state_dict keys, so checkpoints load either way);
+subclass whose ``join`` is that call; same modules, same state_dict keys, so checkpoints load either way);
 ``remove_fused_skips`` switches back. It composes with ``apply_fused_kernels`` in either order and with either norm
 backend (the norms are whatever modules the generator holds).
 
@@ -80,20 +80,11 @@ def relu_cat_reference(a: Tensor, u: Tensor) -> Tensor:
 
 
 class FusedSkipUnetGenerator(UnetGenerator):
-    """``UnetGenerator`` whose up path calls ``relu_cat`` (built by ``apply_fused_skips``, not constructed directly)."""
+    """``UnetGenerator`` whose up levels join through ``relu_cat`` (built by ``apply_fused_skips``, not constructed
+    directly)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        skips = []
-        a = x
-        n = self.num_downs
-        for i in range(n):
-            a = self.down_act[i](self.down_norm[i](self.down[i](a)))
-            if i != n - 1:
-                skips.append(a)
-        u = self.up_dropout[n - 1](self.up_norm[n - 1](self.up[n - 1](torch.relu(a))))
-        for i in reversed(range(n - 1)):
-            u = self.up_dropout[i](self.up_norm[i](self.up[i](relu_cat(skips[i], u))))
-        return torch.tanh(u)
+    def join(self, skip: Tensor, u: Tensor) -> Tensor:
+        return relu_cat(skip, u)
 
 
 def apply_fused_skips(model: nn.Module) -> nn.Module:

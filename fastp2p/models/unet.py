@@ -95,10 +95,13 @@ class UnetGenerator(nn.Module):
                 skips.append(a)
         u = a
         for i in reversed(range(n)):
-            if i != n - 1:
-                u = torch.cat([skips[i], u], 1)
-            u = self.up_dropout[i](self.up_norm[i](self.up[i](torch.relu(u))))
+            u = torch.relu(u) if i == n - 1 else self.join(skips[i], u)
+            u = self.up_dropout[i](self.up_norm[i](self.up[i](u)))
         return torch.tanh(u)
+
+    def join(self, skip: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The input of an up level: ``ReLU(cat[skip, u])`` (``fastp2p.kernels.unet_skip`` writes it in one pass)."""
+        return torch.relu(torch.cat([skip, u], 1))
 
 
 def unet(netG: str = "unet_256", input_nc: int = 3, output_nc: int = 3, ngf: int = 64, norm: str = "batch",
