@@ -151,10 +151,13 @@ class Trainer:
             # The first step pays the compile (reported apart: summary "first_step_s").
             # --compile_mode: "max-autotune-no-cudagraphs" pairs with --cuda_graphs (fastp2p.graphs captures the whole
             # step); "reduce-overhead" lets inductor capture its own graphs per compiled region instead.
+            # dynamic=False: a new batch shape (a partial last batch, another batch size in one benchmark process)
+            # compiles its own static graph instead of turning on automatic-dynamic shapes, whose symbolic kernels
+            # would then serve every later batch.
             mode = None if cfg.train.compile_mode in (None, "default") else cfg.train.compile_mode
-            self.G_run = torch.compile(self.G_run, mode=mode)
-            self._d_loss = torch.compile(self._d_loss_eager, mode=mode)
-            self._g_loss = torch.compile(self._g_loss_eager, mode=mode)
+            self.G_run = torch.compile(self.G_run, mode=mode, dynamic=False)
+            self._d_loss = torch.compile(self._d_loss_eager, mode=mode, dynamic=False)
+            self._g_loss = torch.compile(self._g_loss_eager, mode=mode, dynamic=False)
         self.step = 0
         self.epoch = 0
         self.saved_step: int | None = None  # the step of the checkpoint on disk (saved or resumed from), if any
