@@ -1,4 +1,4 @@
-"""One ``Generator`` interface over torch (eager or ``torch.compile``), ONNX Runtime and TensorRT.
+"""One ``Generator`` interface over torch (eager or ``torch.compile``), ONNX Runtime, OpenVINO and TensorRT.
 
     rt = open_runtime("G.plan")            # or G.onnx, G.safetensors, latest_net_G.pth
     y = rt(x)                              # float NCHW in [-1, 1] -> float32 NCHW in [-1, 1], on rt.device
@@ -6,7 +6,8 @@
     rt.meta["crop_size"], rt.meta["direction"], rt.meta["input_nc"], rt.meta["mode"]
 
 ``open_runtime`` picks the backend by suffix: ``.safetensors`` / ``.pth`` / ``.pt`` -> torch, ``.onnx`` -> ONNX
-Runtime, ``.plan`` / ``.engine`` -> TensorRT. An exported file has its mode (and paper-mode dropout) baked in:
+Runtime (or OpenVINO with ``backend="openvino"``), ``.plan`` / ``.engine`` -> TensorRT. An exported file has its mode
+(and paper-mode dropout) baked in:
 ``mode`` / ``dropout`` left as None take it from the file; given and different, they raise a ``UserError`` that says
 how to re-export. For checkpoints they choose the mode as ``translate`` does (default paper, dropout on).
 """
@@ -26,6 +27,7 @@ from fastp2p.models.unet import size_problem
 TORCH_SUFFIXES = (".safetensors", ".pth", ".pt")
 ONNX_SUFFIXES = (".onnx",)
 TRT_SUFFIXES = (".plan", ".engine", ".trt")
+ONNX_BACKENDS = ("onnxruntime", "openvino")  # what runs an .onnx (``open_runtime(backend=...)``, ``--backend``)
 
 
 def _flat_meta(*, backend: str, mode: str, dropout: bool, precision: str, preprocessing: dict, arch: dict,
@@ -132,6 +134,14 @@ def _check_baked(path: Path, meta: dict, mode: str | None, dropout: bool | None)
                         f"re-export it {hint} to change that")
 
 
+def _onnx_meta(backend: str, m: dict, path) -> dict:
+    """The flat meta of an exported .onnx (its fastp2p metadata ``m``), the same for every backend that runs it."""
+    return _flat_meta(backend=backend, mode=m["mode"], dropout=m.get("dropout") == "on",
+                      precision=m.get("precision", "fp32"), preprocessing=m["preprocessing"], arch=m["arch"],
+                      dynamic_hw=bool(m.get("dynamic_hw")), checkpoint_sha256=m.get("checkpoint_sha256", ""),
+                      source=str(path))
+
+
 class OnnxRuntimeGenerator(Generator):
     backend = "onnxruntime"
 
@@ -142,11 +152,29 @@ class OnnxRuntimeGenerator(Generator):
         self.impl = OrtGenerator(path, device=device, threads=threads, providers=providers, tensorrt_ep=tensorrt_ep,
                                  spin=spin)
         self.device = self.impl.device
-        m = self.impl.onnx_meta
-        self.meta = _flat_meta(backend=self.backend, mode=m["mode"], dropout=m.get("dropout") == "on",
-                               precision=m.get("precision", "fp32"), preprocessing=m["preprocessing"],
-                               arch=m["arch"], dynamic_hw=bool(m.get("dynamic_hw")),
-                               checkpoint_sha256=m.get("checkpoint_sha256", ""), source=str(path))
+        self.meta = _onnx_meta(self.backend, self.impl.onnx_meta, path)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        return self.impl(x)
+
+
+class OpenVINOGenerator(Generator):
+    """An exported .onnx compiled by OpenVINO on the CPU (``engines/openvino.py``: cache, precision, hints)."""
+
+    backend = "openvino"
+
+    def __init__(self, path, *, device="cpu", threads: int | None = None, precision: str = "fp32",
+                 hint: str = "latency", streams: int | None = None, cache_dir=None):
+        from .openvino import OvGenerator
+
+        if torch.device(device).type != "cpu":
+            raise UserError(f"--backend openvino runs on the CPU here, not --device {device}; use --device cpu")
+        self.impl = OvGenerator(path, precision=precision, hint=hint, threads=threads, streams=streams,
+                                cache_dir=cache_dir)
+        self.device = self.impl.device
+        self.meta = _onnx_meta(self.backend, self.impl.onnx_meta, path)
+        if precision == "bf16":  # the file's fp32 weights, computed in bf16: say what actually runs
+            self.meta["precision"] = "bf16"
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         return self.impl(x)
@@ -185,22 +213,30 @@ class TensorRTGenerator(Generator):
 def open_runtime(path: str | Path, *, device: str | torch.device | None = None, mode: str | None = None,
                  dropout: bool | None = None, model: ModelConfig | None = None, compile: bool = False,
                  threads: int | None = None, providers=None, cuda_graph: bool = False,
-                 crop_size: int | None = None, direction: str | None = None) -> Generator:
+                 crop_size: int | None = None, direction: str | None = None,
+                 backend: str | None = None) -> Generator:
     """A ``Generator`` for ``path``, chosen by suffix (see the module doc).
 
     device: "cpu" / "cuda" (default: cuda for TensorRT plans, else cpu). mode, dropout: checkpoints only choose them;
     for exports they must match what was baked in (None: take it). model: architecture of a reference ``.pth``.
     compile: ``torch.compile`` (torch backend). threads, providers: ONNX Runtime. cuda_graph: TensorRT.
-    crop_size, direction: override a checkpoint's preprocessing (torch backend)."""
+    crop_size, direction: override a checkpoint's preprocessing (torch backend). backend: what runs an .onnx,
+    "onnxruntime" (None: the default) or "openvino"; refused for any other file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--engine: file not found: {path}")
     suffix = path.suffix.lower()
+    if backend is not None and backend not in ONNX_BACKENDS:
+        raise UserError(f"--backend {backend!r}: choose one of {', '.join(ONNX_BACKENDS)}")
+    if backend is not None and suffix not in ONNX_SUFFIXES:
+        raise UserError(f"--backend {backend}: only for an .onnx --engine, not {path}; leave --backend out")
     if suffix in TORCH_SUFFIXES:
         return TorchGenerator.from_checkpoint(path, model=model, mode=mode, dropout=dropout, device=device or "cpu",
                                               compile=compile, crop_size=crop_size, direction=direction)
-    if suffix in ONNX_SUFFIXES:
-        rt: Generator = OnnxRuntimeGenerator(path, device=device or "cpu", threads=threads, providers=providers)
+    if suffix in ONNX_SUFFIXES and backend == "openvino":
+        rt: Generator = OpenVINOGenerator(path, device=device or "cpu", threads=threads)
+    elif suffix in ONNX_SUFFIXES:
+        rt = OnnxRuntimeGenerator(path, device=device or "cpu", threads=threads, providers=providers)
     elif suffix in TRT_SUFFIXES:
         rt = TensorRTGenerator(path, device=device or "cuda", cuda_graph=cuda_graph)
     else:

@@ -327,7 +327,7 @@ def evaluate(source, data, *, out: str | Path | None = None, direction: str | No
              seed: int = 0, device: str | None = None, fid_weights: str | Path | None = None,
              lpips_weights: str | Path | None = None, max_images: int | None = None, write: bool = True,
              quiet: bool = False, overwrite: bool = False, max_pixels: int | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, backend: str | None = None) -> dict:
     """Evaluate a generator on a split and (``write``) write the report to ``out`` (default ``eval/<stem>``; checked
     first by ``check_report_folder``: never the data folder, files there replaced only if an earlier eval's, or
     with ``overwrite``). ``progress``: a bar on stderr (images, img/s, ETA) while the pairs are translated.
@@ -362,7 +362,7 @@ def evaluate(source, data, *, out: str | Path | None = None, direction: str | No
         path = Path(source)
         with torch.random.fork_rng(devices=[]):  # building the module draws init weights from the CPU RNG
             rt = open_runtime(path, device=device, mode=mode, dropout=dropout, model=model, crop_size=crop_size,
-                              direction=direction)
+                              direction=direction, backend=backend)
     meta = rt.meta
     is_ckpt = rt.backend.startswith("torch") and path.suffix.lower() in TORCH_SUFFIXES
     direction = direction or meta["direction"]

@@ -91,7 +91,7 @@ def output_paths(inputs: list[str], files: list[Path], out: Path, *, sources=(),
 def translate_paths(inputs, checkpoint, out, *, mode=None, direction=None, layout="auto", batch_size=1,
                     crop_size=None, model: ModelConfig | None = None, dropout=None, device=None, seed=0,
                     engine=None, kernels=None, overwrite: bool = False, max_pixels: int | None = None,
-                    progress: bool = True) -> list[Path]:
+                    progress: bool = True, backend: str | None = None) -> list[Path]:
     """Translate ``inputs`` with a ``checkpoint`` (torch) or an exported ``engine`` (.onnx / .plan); returns the PNGs.
 
     mode/dropout None: paper mode with dropout for checkpoints; whatever an engine has baked in. ``overwrite``: also
@@ -115,7 +115,7 @@ def translate_paths(inputs, checkpoint, out, *, mode=None, direction=None, layou
         from .engines.runtime import open_runtime
 
         net = open_runtime(engine, device=device, mode=mode, dropout=dropout, crop_size=crop_size,
-                           direction=direction)
+                           direction=direction, backend=backend)
         meta = net.meta
         direction, crop_size, in_nc, dev = direction or meta["direction"], crop_size or meta["crop_size"], \
             meta["input_nc"], net.device

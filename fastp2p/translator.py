@@ -74,7 +74,7 @@ class Translator:
 
     def __init__(self, source, *, device=None, mode: str | None = None, dropout: bool | None = None, model=None,
                  fit: str = "pad", channels: str = "rgb", size=None, crop_size: int | None = None,
-                 direction: str | None = None, threads: int | None = None):
+                 direction: str | None = None, threads: int | None = None, backend: str | None = None):
         from .engines.runtime import TORCH_SUFFIXES, Generator, open_runtime
 
         if fit not in FITS:
@@ -88,7 +88,8 @@ class Translator:
             if mode is None and path.suffix.lower() in TORCH_SUFFIXES:
                 mode = "eval"
             self.runtime = open_runtime(path, device=device, mode=mode, dropout=dropout, model=model,
-                                        crop_size=crop_size, direction=direction, threads=threads)
+                                        crop_size=crop_size, direction=direction, threads=threads,
+                                        backend=backend)
         self.meta = self.runtime.meta
         self.device = self.runtime.device
         self.fit, self.channels = fit, channels

@@ -100,7 +100,7 @@ def _expected_frames(inp, vin, rate) -> int | None:
 def translate_video(in_path, out_path, *, checkpoint=None, engine=None, batch_size: int = 8, mode=None, device=None,
                     progress: bool = True, model=None, fit: str = "pad", max_latency_ms: float | None = None,
                     translator=None, codec: str | None = None, crf: int = 18, overwrite: bool = False,
-                    max_pixels: int | None = None) -> Path:
+                    max_pixels: int | None = None, backend: str | None = None) -> Path:
     """Translate the video ``in_path`` into ``out_path`` (a file, or a folder: ``<folder>/<stem>.mp4``).
 
     checkpoint / engine: exactly one (or an open ``translator``). mode: None -> eval for checkpoints (see
@@ -115,7 +115,8 @@ def translate_video(in_path, out_path, *, checkpoint=None, engine=None, batch_si
         out_path = out_path / f"{in_path.stem}.mp4"
     outputs.output_file(out_path, "-o", kind=KIND, ours=is_our_video, inputs=[in_path, checkpoint, engine],
                         overwrite=overwrite)
-    tr = translator or _translator(checkpoint, engine, mode=mode, device=device, model=model, fit=fit)
+    tr = translator or _translator(checkpoint, engine, mode=mode, device=device, model=model, fit=fit,
+                                   backend=backend)
     inp = _open_input(av, in_path)
     vin = inp.streams.video[0]
     vin.thread_type = "AUTO"

@@ -18,6 +18,7 @@ from .args import (
     positive,
     seed_int,
 )
+from .translate import add_backend, check_backend
 
 
 def add_parser(sub) -> None:
@@ -43,6 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max_images", type=positive, default=None,
                    help="evaluate the first N pairs only (default: all)")
     add_inference_flags(p)
+    add_backend(p)
     p.add_argument("--fid_weights", default=None,
                    help="local TorchScript inception-2015-12-05.pt (StyleGAN2-ADA / clean-fid); enables FID "
                         "(default: no FID)")
@@ -63,13 +65,15 @@ def cmd_eval(args) -> int:
     from ..evaluate import _fmt, evaluate, skip_line
 
     check_source_flags(args)
+    check_backend(args)
     check_arch_flags(args, args.checkpoint or args.engine, "--checkpoint" if args.checkpoint else "--engine")
     check_crop_size(args.crop_size, args.max_pixels)
     r = evaluate(args.checkpoint or args.engine, args.data, out=args.out, direction=args.direction, mode=args.mode,
                  dropout=False if args.no_dropout_at_inference else None, model=arch_from(args),
                  crop_size=args.crop_size, batch_size=args.batch_size, seed=args.seed, device=args.device,
                  fid_weights=args.fid_weights, lpips_weights=args.lpips_weights, max_images=args.max_images,
-                 quiet=True, overwrite=args.overwrite, max_pixels=args.max_pixels, progress=not args.no_progress)
+                 quiet=True, overwrite=args.overwrite, max_pixels=args.max_pixels, progress=not args.no_progress,
+                 backend=args.backend)
     if r["skipped"]:
         print(f"fastp2p: {skip_line(r['skipped'])}", file=sys.stderr)
     print(f"eval: {r['images']} image(s)  L1 {_fmt('L1', r['L1'])}  PSNR {_fmt('PSNR', r['PSNR'])} dB  "

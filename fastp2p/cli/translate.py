@@ -23,6 +23,18 @@ from .args import (
 
 log = logging.getLogger("fastp2p.video")
 
+
+def add_backend(p) -> None:
+    """``--backend``: what runs an .onnx --engine (translate, pipe, eval)."""
+    p.add_argument("--backend", choices=("onnxruntime", "openvino"), default=None,
+                   help="what runs an .onnx --engine: onnxruntime or openvino (CPU, compiled model cached in "
+                        "~/.cache/fastp2p/openvino) (default: onnxruntime)")
+
+
+def check_backend(args) -> None:
+    if args.backend is not None and args.checkpoint is not None:
+        raise UserError(f"--backend {args.backend}: only for an .onnx --engine, not --checkpoint; leave --backend out")
+
 def add_parser(sub) -> None:
     p = sub.add_parser("translate", help="translate images with a trained generator")
     p.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -45,6 +57,7 @@ def add_parser(sub) -> None:
     p.add_argument("--batch_size", type=positive, default=None,
                    help="images (video: frames) per batch (default: 1 image, 8 frames for a video)")
     add_inference_flags(p)
+    add_backend(p)
     p.add_argument("--seed", type=seed_int, default=0, help="seed of paper-mode dropout (default %(default)s)")
     p.add_argument("--kernels", choices=("triton", "torch"), default=None,
                    help="fused Triton norm+activation kernels (checkpoints; default: triton with CUDA, else torch)")
@@ -63,6 +76,7 @@ def cmd_translate(args) -> int:
     from ..video import is_video_path, translate_video
 
     check_source_flags(args)
+    check_backend(args)
     check_arch_flags(args, args.checkpoint or args.engine, "--checkpoint" if args.checkpoint else "--engine")
     check_crop_size(args.crop_size, args.max_pixels)
     if len(args.inputs) == 1 and is_video_path(Path(args.inputs[0])):
@@ -77,7 +91,7 @@ def cmd_translate(args) -> int:
         out = translate_video(args.inputs[0], args.out, checkpoint=args.checkpoint, engine=args.engine,
                               batch_size=args.batch_size or 8, mode=args.mode, device=args.device,
                               model=arch_from(args), overwrite=args.overwrite, max_pixels=args.max_pixels,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, backend=args.backend)
         print(f"wrote {out}")
         return 0
 
@@ -85,7 +99,8 @@ def cmd_translate(args) -> int:
                               layout=args.layout, batch_size=args.batch_size or 1, crop_size=args.crop_size,
                               model=arch_from(args), dropout=False if args.no_dropout_at_inference else None,
                               device=args.device, seed=args.seed, engine=args.engine, kernels=args.kernels,
-                              overwrite=args.overwrite, max_pixels=args.max_pixels, progress=not args.no_progress)
+                              overwrite=args.overwrite, max_pixels=args.max_pixels, progress=not args.no_progress,
+                              backend=args.backend)
     print(f"wrote {len(written)} image(s) to {args.out}")
     return 0
 
@@ -112,6 +127,7 @@ def add_pipe_parser(sub) -> None:
                    help="frames of a size the model does not take: pad (edge-replicate letterbox, cropped back) or "
                         "resize (stretched and back) (default %(default)s)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cpu (cuda for a TensorRT plan)")
+    add_backend(p)
     add_max_pixels(p)
     add_arch(p)
     p.set_defaults(func=cmd_pipe)
@@ -122,9 +138,11 @@ def cmd_pipe(args) -> int:
 
     w, h = parse_size(args.size, args.max_pixels)
     check_source_flags(args)
+    check_backend(args)
     check_arch_flags(args, args.checkpoint or args.engine, "--checkpoint" if args.checkpoint else "--engine")
     model = arch_from(args) if args.checkpoint else None
-    tr = _translator(args.checkpoint, args.engine, mode=args.mode, device=args.device, model=model, fit=args.fit)
+    tr = _translator(args.checkpoint, args.engine, mode=args.mode, device=args.device, model=model, fit=args.fit,
+                     backend=args.backend)
     n = run_pipe(tr, w, h, batch_size=args.batch_size, max_latency_ms=args.max_latency_ms)
     log.info("pipe: %d frame(s) of %dx%d", n, w, h)
     return 0
