@@ -650,6 +650,40 @@ def _require_triton(x: Tensor) -> None:
                            "backend='torch'" + (" (Triton is not installed)" if triton is None else ""))
 
 
+class _Plan:
+    """What every launcher derives from the input the same way: block sizes and chunking (``_config``), the channel
+    blocks, stand-ins for an absent weight/bias, and the flags the kernels share."""
+
+    def __init__(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: str, act: str):
+        self.N, self.C, H, W = x.shape
+        self.L = H * W
+        self.bc, self.bl, self.chunk, self.n_chunks, self.nw = _config(x, stats)
+        self.cb = triton.cdiv(self.C, self.bc)
+        self.w = weight if weight is not None else x
+        self.b = bias if bias is not None else x
+        self.flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTS[act], BLOCK_C=self.bc,
+                          BLOCK_L=self.bl, num_warps=self.nw)
+
+
+def _bwd_start(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, stats: str, act: str):
+    """The backward launchers' common start: (x, dy, dx) dense, and the plan with the partial-sum buffers (None for
+    an empty input, when dx and zero dw/db are the whole answer)."""
+    _check_args(x, stats, act)
+    _require_triton(x)
+    x, dy = _dense(x), _dense(dy)
+    dx = _empty_like(x)
+    if x.numel() == 0:
+        return x, dy, dx, None
+    plan = _Plan(x, weight, bias, stats, act)
+    plan.per_sample = stats == "instance"
+    plan.flags["PER_SAMPLE"] = plan.per_sample
+    plan.strides = (*_nlc_strides(dy), *_nlc_strides(x), *_nlc_strides(dx))
+    rows = (plan.N * plan.n_chunks, plan.C)
+    plan.ps1, plan.ps2 = _empty(rows, torch.float32, x.device), _empty(rows, torch.float32, x.device)
+    plan.mode = 1 if stats == "running" else 2 if (plan.per_sample and plan.n_chunks == 1) else 0
+    return x, dy, dx, plan
+
+
 def norm_act_forward_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean_in: Tensor | None,
                             var_in: Tensor | None, stats: str, act: str, eps: float, slope: float,
                             _wrap: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -669,12 +703,8 @@ def norm_act_forward_triton(x: Tensor, weight: Tensor | None, bias: Tensor | Non
         var = _empty(_stats_shape(x, stats), torch.float32, x.device)
     if x.numel() == 0:
         return y, mean, var
-    bc, bl, chunk, n_chunks, nw = _config(x, stats)
-    cb = triton.cdiv(C, bc)
-    w_ = weight if weight is not None else x
-    b_ = bias if bias is not None else x
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTS[act], BLOCK_C=bc, BLOCK_L=bl,
-                 num_warps=nw)
+    plan = _Plan(x, weight, bias, stats, act)
+    chunk, n_chunks, cb, w_, b_, flags = plan.chunk, plan.n_chunks, plan.cb, plan.w, plan.b, plan.flags
     sx, sy = _nlc_strides(x), _nlc_strides(y)
     with _device_ctx(x):
         if stats == "running":
@@ -705,27 +735,13 @@ def norm_act_backward_triton(dy: Tensor, x: Tensor, weight: Tensor | None, bias:
                              _wrap: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the backward kernels: returns (dx, dweight, dbias); dweight/dbias are fp32 (C,) sums computed whether or
     not there is an affine (they fall out of the reduction that dx needs anyway)."""
-    _check_args(x, stats, act)
-    _require_triton(x)
-    x = _dense(x)
-    dy = _dense(dy)
-    N, C, H, W = x.shape
-    L = H * W
-    dx = _empty_like(x)
-    if x.numel() == 0:
-        z = torch.zeros(C, dtype=torch.float32, device=x.device)
+    x, dy, dx, plan = _bwd_start(dy, x, weight, bias, stats, act)
+    if plan is None:
+        z = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
         return dx, z, z.clone()
-    bc, bl, chunk, n_chunks, nw = _config(x, stats)
-    cb = triton.cdiv(C, bc)
-    w_ = weight if weight is not None else x
-    b_ = bias if bias is not None else x
-    per_sample = stats == "instance"
-    flags = dict(PER_SAMPLE=per_sample, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTS[act],
-                 BLOCK_C=bc, BLOCK_L=bl, num_warps=nw)
-    strides = (*_nlc_strides(dy), *_nlc_strides(x), *_nlc_strides(dx))
-    ps1 = _empty((N * n_chunks, C), torch.float32, x.device)
-    ps2 = _empty((N * n_chunks, C), torch.float32, x.device)
-    mode = 1 if stats == "running" else 2 if (per_sample and n_chunks == 1) else 0
+    N, C, L, chunk, n_chunks, cb = plan.N, plan.C, plan.L, plan.chunk, plan.n_chunks, plan.cb
+    w_, b_, flags, strides, per_sample = plan.w, plan.b, plan.flags, plan.strides, plan.per_sample
+    ps1, ps2, mode = plan.ps1, plan.ps2, plan.mode
     with _device_ctx(x):
         _launch(_bwd_reduce_kernel, _wrap)[(n_chunks, N, cb)](
             dy, x, dx, w_, b_, mean, var, ps1, ps2, C, L, *strides, chunk, n_chunks, eps, slope, MODE=mode, **flags)
@@ -765,15 +781,12 @@ def norm_act_forward_v2(x: Tensor, weight: Tensor | None, bias: Tensor | None, m
             mean.copy_(mean_in)
             var.copy_(var_in)
         return y, mean, var
-    bc, bl, chunk, n_chunks, nw = _config(x, stats)
-    cb = triton.cdiv(C, bc)
-    w_ = weight if weight is not None else x
-    b_ = bias if bias is not None else x
+    plan = _Plan(x, weight, bias, stats, act)
+    bc, bl, chunk, n_chunks, nw, cb, w_, b_, flags = (plan.bc, plan.bl, plan.chunk, plan.n_chunks, plan.nw, plan.cb,
+                                                      plan.w, plan.b, plan.flags)
     update = stats == "batch" and running_mean is not None and running_var is not None
     bump = stats == "batch" and num_batches_tracked is not None
     nbt = num_batches_tracked if bump else mean
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTS[act], BLOCK_C=bc, BLOCK_L=bl,
-                 num_warps=nw)
     sx, sy = _nlc_strides(x), _nlc_strides(y)
     with _device_ctx(x):
         if stats == "running":
@@ -806,29 +819,15 @@ def norm_act_backward_v2(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Ten
                          _wrap: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """``norm_act_backward_triton`` in at most 2 launches: sum(dz) and sum(dz * xhat) are reduced once (partials +
     the in-kernel merge) and give db, dw and dx's two mean terms."""
-    _check_args(x, stats, act)
-    _require_triton(x)
-    x = _dense(x)
-    dy = _dense(dy)
-    N, C, H, W = x.shape
-    L = H * W
-    dx = _empty_like(x)
-    if x.numel() == 0:
-        z = torch.zeros(C, dtype=torch.float32, device=x.device)
+    x, dy, dx, plan = _bwd_start(dy, x, weight, bias, stats, act)
+    if plan is None:
+        z = torch.zeros(x.shape[1], dtype=torch.float32, device=x.device)
         return dx, z, z.clone()
-    bc, bl, chunk, n_chunks, nw = _config(x, stats)
-    cb = triton.cdiv(C, bc)
-    w_ = weight if weight is not None else x
-    b_ = bias if bias is not None else x
-    per_sample = stats == "instance"
-    flags = dict(PER_SAMPLE=per_sample, HAS_W=weight is not None, HAS_B=bias is not None, ACT=ACTS[act],
-                 BLOCK_C=bc, BLOCK_L=bl, num_warps=nw)
-    strides = (*_nlc_strides(dy), *_nlc_strides(x), *_nlc_strides(dx))
-    ps1 = _empty((N * n_chunks, C), torch.float32, x.device)
-    ps2 = _empty((N * n_chunks, C), torch.float32, x.device)
+    N, C, L, chunk, n_chunks, bc, cb = plan.N, plan.C, plan.L, plan.chunk, plan.n_chunks, plan.bc, plan.cb
+    w_, b_, flags, strides, per_sample = plan.w, plan.b, plan.flags, plan.strides, plan.per_sample
+    ps1, ps2, mode = plan.ps1, plan.ps2, plan.mode
     dw = _empty((C,), torch.float32, x.device)
     db = _empty((C,), torch.float32, x.device)
-    mode = 1 if stats == "running" else 2 if (per_sample and n_chunks == 1) else 0
     if per_sample and mode == 0:
         s1, s2 = _empty((N, C), torch.float32, x.device), _empty((N, C), torch.float32, x.device)
     else:
