@@ -650,15 +650,25 @@ def _build(method: str, G: nn.Module, example_shape, autocast: torch.dtype | Non
         pack_conv_weights(g, example_shape)
         return g, g, 0.0
     if method == "inductor":
+        import torch._dynamo.config as dynamo_config
         import torch._inductor.config as inductor_config
+        from torch._dynamo.utils import counters
 
         t0 = time.perf_counter()
         compiled = torch.compile(g, dynamic=False)
         # freezing: parameters become constants, so inductor prepacks conv weights for oneDNN, folds eval-mode batch
         # norm into the down convs and fuses LeakyReLU/ReLU/tanh into them (the flag matters at compile time only).
         amp = torch.autocast(x.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
-        with inductor_config.patch(freezing=True), torch.inference_mode(), amp:
+        # Every compiled copy adds ~2 guard entries to the one code object UnetGenerator.forward; past dynamo's
+        # recompile_limit (8) the 5th build in a process silently ran eager (found by `fastp2p bench infer`, which
+        # builds ~16). The limit only matters while this first call compiles; a build that still compiled no graph
+        # is refused, so method="auto" falls back to "packed" instead of calling eager "inductor".
+        limit = dynamo_config.patch(recompile_limit=max(256, dynamo_config.recompile_limit))
+        before = counters["stats"]["unique_graphs"]
+        with limit, inductor_config.patch(freezing=True), torch.inference_mode(), amp:
             compiled(x)
+        if counters["stats"]["unique_graphs"] == before:
+            raise RuntimeError("torch.compile compiled no graph (dynamo's recompile limit?); it would run eager")
         return compiled, g, time.perf_counter() - t0
     raise ValueError(f"unknown method {method!r}; choose one of auto, {', '.join(INFERENCE_METHODS)}")
 
