@@ -23,6 +23,16 @@ Mode: ``--mode paper`` (default for checkpoints, as ``translate`` and the refere
 normalization statistics, dropout on, drawn from ``--seed`` so a run is repeatable) or ``eval`` (running statistics,
 no dropout). An exported engine has its mode baked in. Runs never touch the global RNG state (it is forked).
 
+Reference (``--reference CKPT|ENGINE``, e.g. the fp32 teacher of an INT8 engine or of a distilled student): the same
+inputs also go through the reference generator, in a pass of its own with the same seed, and every output is scored
+against the reference's output too (``psnr_ref``, ``ssim_ref``, ``l1_ref`` per image, their means and the worst
+``psnr_ref_min``; the reference against the targets as ``reference_L1/PSNR/SSIM``), on the 8-bit images as the rest
+(a generator against itself gives the PSNR cap, 100 dB). A reference checkpoint runs in the evaluated generator's
+mode and paper-mode dropout; an exported reference must have been exported in that mode (else one error line). Keep
+dropout off (``--no_dropout_at_inference`` or ``--mode eval``) for a deterministic comparison. ``--min_psnr DB`` makes
+the run a quality gate (``fastp2p.gate``): exit 2 after writing the report when the mean ``psnr_ref`` is below it,
+unless ``--force``. Without ``--reference`` the report is exactly what it was.
+
 FID and LPIPS run only with local weights files; nothing is downloaded:
 
 - ``--fid_weights inception-2015-12-05.pt``: the TorchScript Inception-v3 that NVlabs publishes for StyleGAN2-ADA's
@@ -39,7 +49,8 @@ FID and LPIPS run only with local weights files; nothing is downloaded:
 Output folder (default ``eval/<file stem>``): ``metrics.json`` (means and the run's description, schema in
 ``evaluate``'s doc), ``metrics.csv`` (one row per image), ``index.html`` (a gallery: name | input | output | target |
 scores, rows in natural name order (2 before 10), sortable by clicking a column header; no external resources) and
-``images/<name>_{input,output,target}.png``. The gallery shows the PNGs under ``images/`` beside it (relative links,
+``images/<name>_{input,output,target}.png`` (with a reference also ``_reference.png``, shown as input | reference |
+output | target). The gallery shows the PNGs under ``images/`` beside it (relative links,
 not inlined: a gallery of a large split would be hundreds of MB of HTML): copy or move the folder whole.
 """
 
@@ -151,12 +162,15 @@ class LpipsDistance:
 # ---------------------------------------------------------------------------------------------------------------------
 # report files
 # ---------------------------------------------------------------------------------------------------------------------
-_HIGHER_IS_BETTER = {"L1": False, "PSNR": True, "SSIM": True, "LPIPS": False}
+_HIGHER_IS_BETTER = {"L1": False, "PSNR": True, "SSIM": True, "LPIPS": False, "psnr_ref": True, "ssim_ref": True,
+                     "l1_ref": False}
+REF_KEYS = ("psnr_ref", "ssim_ref", "l1_ref")  # per image, with ``reference``: the output against the reference's
 
 
 KIND = "eval"  # the marker of the gallery PNGs (``fastp2p.outputs``)
 REPORT_FILES = ("metrics.csv", "index.html", "metrics.json")
 GALLERY_KINDS = ("input", "output", "target")
+REFERENCE_KIND = "reference"  # images/<name>_reference.png: the --reference generator's output
 
 
 def _png(arr: np.ndarray, path: Path) -> None:
@@ -174,10 +188,12 @@ def is_eval_report(path: str | Path) -> bool:
             and "fastp2p" in d["versions"])
 
 
-def check_report_folder(out: Path, pairs: list[EvalPair], *, inputs=(), overwrite: bool = False) -> list[Path]:
+def check_report_folder(out: Path, pairs: list[EvalPair], *, inputs=(), overwrite: bool = False,
+                        kinds: tuple[str, ...] = GALLERY_KINDS) -> list[Path]:
     """Check every file ``write_report`` and the gallery will write under ``out`` (``fastp2p.outputs``): ``out`` is no
     input folder; an existing file there is replaced only in an earlier eval's folder (its metrics.json, or gallery
-    PNGs carrying eval's marker) or with ``overwrite``. Two pairs with one gallery name are refused."""
+    PNGs carrying eval's marker) or with ``overwrite``. Two pairs with one gallery name are refused. ``kinds``: the
+    gallery PNGs per pair (``images/<name>_<kind>.png``; with a reference, ``REFERENCE_KIND`` too)."""
     outputs.output_dir(out, "-o", inputs=inputs)
     seen: dict[str, str] = {}
     for p in pairs:
@@ -187,7 +203,7 @@ def check_report_folder(out: Path, pairs: list[EvalPair], *, inputs=(), overwrit
     images = out / "images"
     owned = is_eval_report(out / "metrics.json") or (
         images.is_dir() and any(outputs.png_marked(f, KIND) for f in images.glob("*.png")))
-    names = [*REPORT_FILES, *(f"images/{p.name}_{k}.png" for p in pairs for k in GALLERY_KINDS)]
+    names = [*REPORT_FILES, *(f"images/{p.name}_{k}.png" for p in pairs for k in kinds)]
     return outputs.output_files(out, names, "-o", kind=KIND, inputs=inputs, overwrite=overwrite,
                                 ours=(lambda f: True) if owned else (lambda f: outputs.png_marked(f, KIND)))
 
@@ -209,7 +225,7 @@ class GalleryWriter:
 def _fmt(k: str, v) -> str:
     if v is None:
         return "n/a"
-    return f"{v:.2f}" if k in ("PSNR", "FID") else f"{v:.4f}"
+    return f"{v:.2f}" if k in ("PSNR", "FID", "psnr_ref", "reference_PSNR", "psnr_ref_min") else f"{v:.4f}"
 
 
 def natural_key(name: str) -> list:
@@ -224,11 +240,20 @@ GALLERY_IMAGE_PX = 256  # thumbnail width in index.html: the model's usual crop 
 def gallery_html(result: dict, rows: list[dict]) -> str:
     """index.html: one row per image in natural name order, linking ``images/<name>_<kind>.png`` beside it."""
     rows = sorted(rows, key=lambda r: natural_key(r["name"]))
-    keys = [k for k in ("L1", "PSNR", "SSIM", "LPIPS") if rows and k in rows[0]]
+    keys = [k for k in ("L1", "PSNR", "SSIM", "LPIPS", *REF_KEYS) if rows and k in rows[0]]
     e = html.escape
     src = result.get("checkpoint") or result.get("engine")
     where = f'{result.get("images")} image(s) from {e(str(result.get("data")))}'
     means = " &middot; ".join(f"{k} {_fmt(k, result.get(k))}" for k in ("L1", "PSNR", "SSIM", "FID", "LPIPS"))
+    kinds = ("input", "output", "target")
+    if result.get("reference"):  # input | reference | output | target, and a line of means against the reference
+        kinds = ("input", REFERENCE_KIND, "output", "target")
+        vs_ref = " &middot; ".join(f"{k} {_fmt(k, result.get(k))}" for k in REF_KEYS)
+        ref_vs_tgt = " &middot; ".join(f"{k} {_fmt('reference_' + k, result.get('reference_' + k))}"
+                                       for k in ("L1", "PSNR", "SSIM"))
+        means += (f"</p>\n<p>against the reference {e(str(result['reference']))} "
+                  f"({e(str(result.get('reference_backend')))}): {vs_ref} &middot; the reference against the "
+                  f"targets: {ref_vs_tgt}")
     head = "".join(f'<th class="sort" data-key="{k.lower()}" title="{"higher" if _HIGHER_IS_BETTER[k] else "lower"} '
                    f'is better; click to sort">{k}</th>' for k in keys)
     body = []
@@ -236,10 +261,11 @@ def gallery_html(result: dict, rows: list[dict]) -> str:
         n = e(r["name"])
         data = " ".join(f'data-{k.lower()}="{r[k]!r}"' for k in keys)
         imgs = "".join(f'<td><img src="images/{e(quote(r["name"]))}_{kind}.png" alt="{n} {kind}"></td>'
-                       for kind in ("input", "output", "target"))
+                       for kind in kinds)
         cells = "".join(f"<td>{_fmt(k, r[k])}</td>" for k in keys)
         body.append(f'<tr data-name="{e(r["name"], quote=True)}" {data}><td>{n}</td>{imgs}{cells}</tr>')
     rows_html = "\n".join(body)
+    img_head = "".join(f"<th>{kind}</th>" for kind in kinds)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fastp2p eval: {e(str(src))}</title>
 <style>
@@ -258,7 +284,7 @@ direction {e(str(result.get("direction")))} &middot; {where}</p>
 Click a column header to sort. The images are the PNGs in <code>images/</code> beside this page: keep the two
 together.</p>
 <table id="results">
-<thead><tr><th class="sort" data-key="name">name</th><th>input</th><th>output</th><th>target</th>{head}</tr></thead>
+<thead><tr><th class="sort" data-key="name">name</th>{img_head}{head}</tr></thead>
 <tbody>
 {rows_html}
 </tbody></table>
@@ -284,7 +310,7 @@ document.querySelectorAll("th.sort").forEach(function (th) {{
 
 
 def _csv_text(rows: list[dict]) -> str:
-    keys = ["name"] + [k for k in ("L1", "PSNR", "SSIM", "LPIPS") if rows and k in rows[0]]
+    keys = ["name"] + [k for k in ("L1", "PSNR", "SSIM", "LPIPS", *REF_KEYS) if rows and k in rows[0]]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(keys)
@@ -318,8 +344,101 @@ DEFINITIONS = {
 }
 
 
+REF_DEFINITIONS = {  # added to "definitions" with a reference only (the report without one is unchanged)
+    "psnr_ref": "PSNR of the output against the reference generator's output on the same input (both 8-bit, on "
+                f"[0, 1], capped at {M.PSNR_MAX:g} dB: a generator against itself gives {M.PSNR_MAX:g}); mean of "
+                "per-image values; psnr_ref_min is the worst image",
+    "ssim_ref": "SSIM of the output against the reference generator's output (definition as SSIM)",
+    "l1_ref": "L1 of the output against the reference generator's output (definition as L1)",
+    "reference_L1": "L1 of the reference generator's outputs against the targets (likewise reference_PSNR, "
+                    "reference_SSIM)",
+}
+
+
 def skip_line(skipped: dict) -> str:
     return f"{' and '.join(skipped)} skipped: no weights given; {SKIP_HINT}"
+
+
+def _runs_as(meta: dict) -> str:
+    dropout = f", dropout {'on' if meta['dropout'] else 'off'}" if meta["mode"] == "paper" else ""
+    return f"{meta['mode']} mode{dropout}"
+
+
+def open_reference(reference, candidate, *, direction: str, device=None, model=None):
+    """The ``Generator`` that ``reference`` (a checkpoint, an exported .onnx / .plan, or an open ``Generator``) names,
+    running as ``candidate`` runs: a checkpoint is opened in the candidate's mode and paper-mode dropout, at its
+    ``crop_size`` and ``direction``, on ``device`` (default: the candidate's device); an exported file or a
+    ``Generator`` must already match (mode, dropout, sizes, channels), else a one-line ``UserError`` naming
+    ``--reference``. Same mode and inputs make the two outputs comparable: in eval mode or without dropout both are
+    deterministic, so a reference against itself gives identical outputs."""
+    from .engines.runtime import TORCH_SUFFIXES, Generator, open_runtime
+
+    cm = candidate.meta
+    if isinstance(reference, Generator):
+        ref, name = reference, str(reference.meta.get("source") or "generator")
+    else:
+        path = Path(reference)
+        if not path.is_file():
+            raise UserError(f"--reference: file not found: {path}")
+        name = str(path)
+        with torch.random.fork_rng(devices=[]):  # building the module draws init weights from the CPU RNG
+            if path.suffix.lower() in TORCH_SUFFIXES:
+                ref = open_runtime(path, device=device if device is not None else candidate.device,
+                                   mode=cm["mode"], dropout=cm["dropout"], model=model,
+                                   crop_size=int(cm["crop_size"]), direction=direction)
+            else:
+                ref = open_runtime(path, device=device)
+    rm = ref.meta
+    if rm["mode"] != cm["mode"] or (cm["mode"] == "paper" and bool(rm["dropout"]) != bool(cm["dropout"])):
+        how = f"--mode {cm['mode']}" + (" --paper_dropout" if cm["mode"] == "paper" and cm["dropout"] else "")
+        alike = ""
+        if candidate.backend.startswith("torch"):  # a checkpoint under test can take the reference's mode instead
+            flags = "--mode eval" if rm["mode"] == "eval" else (
+                "--mode paper" if rm["dropout"] else "--mode paper --no_dropout_at_inference")
+            alike = f"evaluate with {flags}, "
+        raise UserError(f"--reference {name} runs in {_runs_as(rm)}, but the generator under test runs in "
+                        f"{_runs_as(cm)}; they must run alike to be compared: {alike}give the reference's checkpoint "
+                        f"(it opens in the generator's mode), or re-export it with `fastp2p export CKPT {how}`")
+    for k in ("input_nc", "output_nc"):
+        if rm[k] != cm[k]:
+            raise UserError(f"--reference {name} has {k} {rm[k]}, the generator under test {cm[k]}; compare "
+                            "generators of the same task")
+    size = int(cm["crop_size"])
+    if not rm["dynamic_hw"] and int(rm["crop_size"]) != size:
+        raise UserError(f"--reference {name} takes {rm['crop_size']}x{rm['crop_size']} only, the generator under test "
+                        f"runs at {size}x{size}; give the reference's checkpoint or re-export it with --dynamic")
+    return ref, name
+
+
+class _ReferenceOutputs:
+    """``on_batch`` of the reference's pass: keeps its uint8 outputs in order (8-bit, as eval scores everything) and
+    writes ``images/<name>_reference.png`` when ``folder`` is given."""
+
+    def __init__(self, folder: Path | None):
+        self.folder, self.outputs = folder, []
+
+    def __call__(self, pairs, src, out, tgt) -> None:
+        for p, o in zip(pairs, out, strict=True):
+            self.outputs.append(o)
+            if self.folder is not None:
+                _png(o, self.folder / f"{p.name}_{REFERENCE_KIND}.png")
+
+
+class _CompareToReference:
+    """``on_batch`` of the candidate's pass: per-image L1 / PSNR / SSIM of its outputs against the reference's
+    (``fastp2p.metrics`` on the 8-bit images), in order; then the gallery writer, if any."""
+
+    def __init__(self, reference_outputs: list[np.ndarray], gallery=None):
+        self.ref, self.gallery, self.rows = reference_outputs, gallery, []
+
+    def __call__(self, pairs, src, out, tgt) -> None:
+        i = len(self.rows)
+        ref = np.stack(self.ref[i:i + len(pairs)])
+        s = M.image_metrics(M.from_uint8(out), M.from_uint8(ref))
+        self.rows += [{"psnr_ref": s["PSNR"][j], "ssim_ref": s["SSIM"][j], "l1_ref": s["L1"][j]}
+                      for j in range(len(pairs))]
+        if self.gallery is not None:
+            self.gallery(pairs, src, out, tgt)
 
 
 def evaluate(source, data, *, out: str | Path | None = None, direction: str | None = None, mode: str | None = None,
@@ -327,7 +446,7 @@ def evaluate(source, data, *, out: str | Path | None = None, direction: str | No
              seed: int = 0, device: str | None = None, fid_weights: str | Path | None = None,
              lpips_weights: str | Path | None = None, max_images: int | None = None, write: bool = True,
              quiet: bool = False, overwrite: bool = False, max_pixels: int | None = None,
-             progress: bool = True, backend: str | None = None) -> dict:
+             progress: bool = True, backend: str | None = None, reference=None) -> dict:
     """Evaluate a generator on a split and (``write``) write the report to ``out`` (default ``eval/<stem>``; checked
     first by ``check_report_folder``: never the data folder, files there replaced only if an earlier eval's, or
     with ``overwrite``). ``progress``: a bar on stderr (images, img/s, ETA) while the pairs are translated.
@@ -340,6 +459,15 @@ def evaluate(source, data, *, out: str | Path | None = None, direction: str | No
         checkpoint | engine: str (the other null), backend, mode, dropout, direction, crop_size, seed, data (the
         folder used), max_images, skipped: {"FID"?: why, "LPIPS"?: why}, definitions: {metric: text},
         files: {"csv", "gallery", "images"}, time_s, versions
+
+    reference: a second generator (checkpoint, export or ``Generator``; see ``open_reference``: it runs in the
+    source's mode) translating the same inputs in a pass of its own, with the same ``seed``. The report then adds
+    (and nothing else changes):
+
+        reference: str, reference_backend, psnr_ref, ssim_ref, l1_ref (means of the output against the reference's
+        output), psnr_ref_min (the worst image), reference_L1, reference_PSNR, reference_SSIM (the reference against
+        the targets), definitions of these; per image (CSV, gallery, ``per_image``): psnr_ref, ssim_ref, l1_ref; the
+        gallery gains a reference column (input | reference | output | target, ``images/<name>_reference.png``).
     """
     from .engines.runtime import TORCH_SUFFIXES, Generator, open_runtime
 
@@ -351,8 +479,11 @@ def evaluate(source, data, *, out: str | Path | None = None, direction: str | No
     folder, pairs = folder_pairs(data, max_images, max_pixels=max_pixels)
     if write:  # before any model is loaded: a bad -o fails at once and nothing is written
         named = Path(str(source.meta.get("source") or "generator")) if isinstance(source, Generator) else Path(source)
+        ref_named = None if reference is None or isinstance(reference, Generator) else Path(reference)
         check_report_folder(Path(out) if out is not None else Path("eval") / named.stem, pairs, overwrite=overwrite,
-                            inputs=[data, folder, folder / "A", folder / "B", named, fid_weights, lpips_weights])
+                            inputs=[data, folder, folder / "A", folder / "B", named, fid_weights, lpips_weights,
+                                    ref_named],
+                            kinds=GALLERY_KINDS if reference is None else (*GALLERY_KINDS, REFERENCE_KIND))
     dev = torch.device(device or "cpu")
     fid = InceptionFeatures(fid_weights, dev) if fid_weights else None
     lpips = LpipsDistance(lpips_weights, dev) if lpips_weights else None
@@ -375,9 +506,29 @@ def evaluate(source, data, *, out: str | Path | None = None, direction: str | No
         log.info("%s", skip_line(skipped))
     out = Path(out) if out is not None else Path("eval") / path.stem
     gallery = GalleryWriter(out) if write else None
+    on_batch, ref_result = gallery, {}
+    if reference is not None:
+        ref, ref_name = open_reference(reference, rt, direction=direction, device=device, model=model)
+        if meta["mode"] == "paper" and meta["dropout"]:
+            log.warning("--reference: paper-mode dropout is on: the generator and the reference draw dropout masks of "
+                        "their own (the same ones only for one architecture on torch), so psnr_ref includes that "
+                        "noise; --no_dropout_at_inference or --mode eval compare deterministically")
+        kept = _ReferenceOutputs(gallery.dir if gallery is not None else None)
+        ref_rows, _ = run_pairs(ref, pairs, direction=direction, size=meta["crop_size"], in_nc=meta["input_nc"],
+                                out_nc=meta["output_nc"], device=ref.device, batch_size=batch_size, seed=seed,
+                                on_batch=kept, progress=progress)
+        on_batch = _CompareToReference(kept.outputs, gallery)
+        ref_means = summarize(ref_rows)
+        ref_result = {"reference": ref_name, "reference_backend": ref.backend,
+                      **{f"reference_{k}": ref_means[k] for k in ("L1", "PSNR", "SSIM")}}
     rows, extra = run_pairs(rt, pairs, direction=direction, size=meta["crop_size"], in_nc=meta["input_nc"],
                             out_nc=meta["output_nc"], device=rt.device, batch_size=batch_size, seed=seed, fid=fid,
-                            lpips=lpips, on_batch=gallery, progress=progress)
+                            lpips=lpips, on_batch=on_batch, progress=progress)
+    if reference is not None:
+        for r, c in zip(rows, on_batch.rows, strict=True):
+            r.update(c)
+        ref_result.update({k: float(np.mean([r[k] for r in rows])) for k in REF_KEYS})
+        ref_result["psnr_ref_min"] = float(min(r["psnr_ref"] for r in rows))
     means = summarize(rows)
     result = {
         "images": len(rows), "L1": means["L1"], "PSNR": means["PSNR"], "SSIM": means["SSIM"], "FID": extra["FID"],
@@ -389,6 +540,9 @@ def evaluate(source, data, *, out: str | Path | None = None, direction: str | No
         "files": {"csv": "metrics.csv", "gallery": "index.html", "images": "images/"} if write else None,
         "time_s": round(time.perf_counter() - t0, 3), "versions": versions(),
     }
+    if reference is not None:
+        result.update(ref_result)
+        result["definitions"] = {**DEFINITIONS, **REF_DEFINITIONS}
     if "FID_note" in extra:
         result["skipped"]["FID"] = extra["FID_note"]
     if write:

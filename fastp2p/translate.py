@@ -91,13 +91,15 @@ def output_paths(inputs: list[str], files: list[Path], out: Path, *, sources=(),
 def translate_paths(inputs, checkpoint, out, *, mode=None, direction=None, layout="auto", batch_size=1,
                     crop_size=None, model: ModelConfig | None = None, dropout=None, device=None, seed=0,
                     engine=None, kernels=None, overwrite: bool = False, max_pixels: int | None = None,
-                    progress: bool = True, backend: str | None = None) -> list[Path]:
+                    progress: bool = True, backend: str | None = None, runtime_options: dict | None = None
+                    ) -> list[Path]:
     """Translate ``inputs`` with a ``checkpoint`` (torch) or an exported ``engine`` (.onnx / .plan); returns the PNGs.
 
     mode/dropout None: paper mode with dropout for checkpoints; whatever an engine has baked in. ``overwrite``: also
     replace files at the output paths that are not earlier translate outputs (inputs are never replaced).
     ``max_pixels``: larger inputs are a ``DataError`` (default ``fastp2p.config.DEFAULT_MAX_PIXELS``). ``progress``: a
-    bar on stderr (images, img/s, ETA; ``fastp2p.report.progress_bar``)."""
+    bar on stderr (images, img/s, ETA; ``fastp2p.report.progress_bar``). ``backend``, ``runtime_options`` (threads,
+    ov_precision, ov_hint, streams): how an ``engine`` runs (``fastp2p.engines.runtime.open_runtime``)."""
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise UserError(f"--checkpoint not found: {checkpoint}")
     files = collect_inputs(list(inputs))
@@ -115,7 +117,7 @@ def translate_paths(inputs, checkpoint, out, *, mode=None, direction=None, layou
         from .engines.runtime import open_runtime
 
         net = open_runtime(engine, device=device, mode=mode, dropout=dropout, crop_size=crop_size,
-                           direction=direction, backend=backend)
+                           direction=direction, backend=backend, **(runtime_options or {}))
         meta = net.meta
         direction, crop_size, in_nc, dev = direction or meta["direction"], crop_size or meta["crop_size"], \
             meta["input_nc"], net.device

@@ -66,15 +66,17 @@ def _as_tensor(frames) -> tuple[torch.Tensor, str]:
 class Translator:
     """Translate uint8 H,W,C frames with a pix2pix generator (see the module doc).
 
-    source: a checkpoint (.safetensors / reference .pth), an .onnx, a TensorRT .plan, or an open ``Generator``.
-    mode: None -> ``eval`` for checkpoints (temporal stability), the baked-in mode for exports.
+    source: a checkpoint (.safetensors / reference .pth), an .onnx, an OpenVINO .xml, a TensorRT .plan, or an open
+    ``Generator``. mode: None -> ``eval`` for checkpoints (temporal stability), the baked-in mode for exports.
+    threads, backend, ov_precision, ov_hint, streams: how an .onnx / .xml runs (``open_runtime``).
     fit: "pad" | "resize". channels: "rgb" | "bgr" (input and output use the same order).
     size: working box (int or (h, w)); None -> native size for dynamic models, crop_size for fixed engines.
     """
 
     def __init__(self, source, *, device=None, mode: str | None = None, dropout: bool | None = None, model=None,
                  fit: str = "pad", channels: str = "rgb", size=None, crop_size: int | None = None,
-                 direction: str | None = None, threads: int | None = None, backend: str | None = None):
+                 direction: str | None = None, threads: int | None = None, backend: str | None = None,
+                 ov_precision: str | None = None, ov_hint: str | None = None, streams: int | None = None):
         from .engines.runtime import TORCH_SUFFIXES, Generator, open_runtime
 
         if fit not in FITS:
@@ -89,7 +91,8 @@ class Translator:
                 mode = "eval"
             self.runtime = open_runtime(path, device=device, mode=mode, dropout=dropout, model=model,
                                         crop_size=crop_size, direction=direction, threads=threads,
-                                        backend=backend)
+                                        backend=backend, ov_precision=ov_precision, ov_hint=ov_hint,
+                                        streams=streams)
         self.meta = self.runtime.meta
         self.device = self.runtime.device
         self.fit, self.channels = fit, channels

@@ -100,13 +100,15 @@ def _expected_frames(inp, vin, rate) -> int | None:
 def translate_video(in_path, out_path, *, checkpoint=None, engine=None, batch_size: int = 8, mode=None, device=None,
                     progress: bool = True, model=None, fit: str = "pad", max_latency_ms: float | None = None,
                     translator=None, codec: str | None = None, crf: int = 18, overwrite: bool = False,
-                    max_pixels: int | None = None, backend: str | None = None) -> Path:
+                    max_pixels: int | None = None, backend: str | None = None,
+                    runtime_options: dict | None = None) -> Path:
     """Translate the video ``in_path`` into ``out_path`` (a file, or a folder: ``<folder>/<stem>.mp4``).
 
     checkpoint / engine: exactly one (or an open ``translator``). mode: None -> eval for checkpoints (see
     ``fastp2p.translator``). An existing output is replaced only if an earlier one (``is_our_video``) or with
     ``overwrite``; never the input. A frame size over ``max_pixels`` (default ``fastp2p.config.DEFAULT_MAX_PIXELS``)
-    is a ``DataError`` before anything is decoded. Returns the output path."""
+    is a ``DataError`` before anything is decoded. ``backend``, ``runtime_options`` (threads, ov_precision, ov_hint,
+    streams): how an ``engine`` runs (``fastp2p.engines.runtime.open_runtime``). Returns the output path."""
     av = _av()
     in_path = Path(in_path)
     out_path = Path(out_path)
@@ -116,7 +118,7 @@ def translate_video(in_path, out_path, *, checkpoint=None, engine=None, batch_si
     outputs.output_file(out_path, "-o", kind=KIND, ours=is_our_video, inputs=[in_path, checkpoint, engine],
                         overwrite=overwrite)
     tr = translator or _translator(checkpoint, engine, mode=mode, device=device, model=model, fit=fit,
-                                   backend=backend)
+                                   backend=backend, **(runtime_options or {}))
     inp = _open_input(av, in_path)
     vin = inp.streams.video[0]
     vin.thread_type = "AUTO"

@@ -5,6 +5,10 @@ from pathlib import Path
 # does not slow down many times over when another process shares the cores.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 os.environ.setdefault("KMP_BLOCKTIME", "1")
+# `--backend auto` would pick OpenVINO for every .onnx; OpenVINO once segfaulted this shared process, so its cases run
+# in a subprocess of their own (tests/test_openvino.py, which unsets this per case). It also keeps compiled models
+# out of ~/.cache/fastp2p/openvino during the suite.
+os.environ.setdefault("FASTP2P_BACKEND", "onnxruntime")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -44,3 +48,18 @@ def cuda():
     finally:
         torch.cuda.synchronize()
         cudnn.allow_tf32, cudnn.deterministic, cudnn.benchmark = saved
+
+
+def write_smooth_pairs(folder: Path, n: int = 3, size: int = 128) -> Path:
+    """``n`` aligned A|B files of size x 2*size in ``folder``: smooth random A (a random walk along each row), B = a
+    brighter copy, so scores between generators are not noise. Module-scoped fixtures of test_eval / test_gate."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        a = np.clip(np.cumsum(rng.integers(-8, 9, (size, size, 3)), axis=1) + 128, 0, 255).astype(np.uint8)
+        b = np.clip(a.astype(int) + 40, 0, 255).astype(np.uint8)
+        Image.fromarray(np.concatenate([a, b], axis=1)).save(folder / f"p{i}.png")
+    return folder

@@ -456,3 +456,159 @@ def test_tensorrt_refuses_foreign_plan(trt_ready, work, ckpt):
     side.write_text(json.dumps(meta))
     with pytest.raises(UserError, match="built with TensorRT 9.0.0"):
         open_runtime(plan)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# backend choice and the OpenVINO IR's metadata: the parts that need no OpenVINO (it runs in tests/openvino_cases.py,
+# in a process of its own; nothing here imports it)
+# ---------------------------------------------------------------------------------------------------------------------
+def _fake_ir(exported, path: Path, fmt: str | None = None) -> Path:
+    """An .xml shaped like build_ir's (its <rt_info><fastp2p> section, from the export's metadata_props), plus a .bin:
+    enough for the readers, which parse the XML with the standard library."""
+    from xml.sax.saxutils import quoteattr
+
+    from fastp2p.engines import openvino as engine_ov
+
+    proto = onnx.load(str(exported("eval", mode="eval")), load_external_data=False)
+    raw = {p.key.removeprefix("fastp2p."): p.value for p in proto.metadata_props}
+    raw.update(format=fmt or engine_ov.IR_FORMAT, openvino_precision="fp32", openvino_hint="throughput")
+    items = "".join(f"<{k} value={quoteattr(v)} />" for k, v in raw.items())
+    path.write_text(f'<?xml version="1.0"?>\n<net name="G" version="11"><layers /><edges />'
+                    f"<rt_info><fastp2p>{items}</fastp2p></rt_info></net>\n")
+    path.with_suffix(".bin").write_bytes(b"\0" * 16)
+    return path
+
+
+def test_ir_metadata_is_read_without_openvino(exported, work):
+    from fastp2p.engines import openvino as engine_ov
+
+    ir = _fake_ir(exported, work / "fake_ir.xml")
+    meta = engine_ov.read_ir_meta(ir)
+    src = read_onnx_meta(exported("eval", mode="eval"))
+    # the export's keys, decoded alike (JSON ones as JSON), plus what the build records
+    assert {k: v for k, v in meta.items() if k not in ("format", "openvino_precision", "openvino_hint")} == \
+        {k: v for k, v in src.items() if k != "format"}
+    assert meta["format"] == engine_ov.IR_FORMAT and meta["openvino_hint"] == "throughput"
+    assert engine_ov.is_our_ir(ir) and not engine_ov.is_our_ir(_fake_ir(exported, work / "other.xml", fmt="x"))
+    info = engine_ov.describe_ir(ir)
+    assert info["weights_size"] == 16 and info["mode"] == "eval" and "metadata_problem" not in info
+    ir.with_suffix(".bin").unlink()
+    with pytest.raises(UserError, match="fake_ir.bin are missing"):
+        engine_ov.read_ir_meta(ir)
+    assert "weights_problem" in engine_ov.describe_ir(ir)
+    with pytest.raises(UserError, match="not an OpenVINO IR built by fastp2p"):
+        engine_ov.read_ir_meta(work / "other.xml")
+    (work / "junk.xml").write_text("<html><body>no</body></html>")
+    with pytest.raises(UserError, match="not an OpenVINO IR"):
+        engine_ov.describe_ir(work / "junk.xml")
+
+
+def test_ir_outputs_replace_only_earlier_builds(exported, work):
+    from fastp2p.engines import openvino as engine_ov
+
+    d = work / "ir_out"
+    d.mkdir()
+    ours = _fake_ir(exported, d / "ours.xml")
+    engine_ov.check_ir_output(ours, inputs=[exported("eval", mode="eval")])  # an earlier build: replaced
+    (d / "user.xml").write_text("<net><layers /></net>")
+    (d / "lone.bin").write_bytes(b"weights of someone else")
+    for name, needle in (("user.xml", "user.xml: exists"), ("lone.xml", "lone.bin: exists")):
+        with pytest.raises(UserError, match=needle):
+            engine_ov.check_ir_output(d / name)
+        engine_ov.check_ir_output(d / name, overwrite=True)
+    with pytest.raises(UserError, match="name it \\*.xml"):
+        engine_ov.check_ir_output(d / "G.ir")
+
+
+def test_auto_backend_rule(exported, work, monkeypatch):
+    from fastp2p.engines import openvino as engine_ov
+    from fastp2p.engines.onnxruntime import optimize_onnx
+    from fastp2p.engines.runtime import BACKEND_ENV, auto_backend
+
+    src = exported("eval", mode="eval")
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setattr(engine_ov, "openvino_installed", lambda: "2026.4.1")
+    backend, why, meta = auto_backend(src)
+    assert backend == "openvino" and why.startswith("fp32 file") and "openvino 2026.4 installed" in why
+    assert meta == read_onnx_meta(src)  # handed on: the file is parsed once
+    monkeypatch.setattr("fastp2p.engines.onnx.read_onnx_meta", lambda p: {**meta, "precision": "int8"})
+    assert auto_backend(src)[:2] == ("openvino", "int8 QDQ file: OpenVINO runs it in int8; openvino 2026.4 installed")
+    monkeypatch.undo()
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setattr(engine_ov, "openvino_installed", lambda: None)
+    assert auto_backend(src)[0] == "onnxruntime" and "not installed" in auto_backend(src)[1]
+    assert auto_backend(src, options={"ov_hint": "throughput"})[:2] == ("openvino", "--ov_hint given")
+    assert auto_backend(src, device="cuda")[0] == "onnxruntime"
+    monkeypatch.setattr(engine_ov, "openvino_installed", lambda: "2026.4.1")
+    opt = optimize_onnx(src, work / "auto.ort.onnx")
+    assert auto_backend(opt)[0] == "onnxruntime"  # com.microsoft ops: ONNX Runtime's own graph
+    monkeypatch.setenv(BACKEND_ENV, "onnxruntime")
+    assert auto_backend(src)[:2] == ("onnxruntime", f"${BACKEND_ENV}=onnxruntime")
+    monkeypatch.setenv(BACKEND_ENV, "tensorflow")
+    with pytest.raises(UserError, match=f"\\${BACKEND_ENV}=tensorflow"):
+        auto_backend(src)
+
+
+def test_open_runtime_auto_says_which_in_one_line(exported, monkeypatch, caplog):
+    import logging
+
+    from fastp2p.engines import openvino as engine_ov
+    from fastp2p.engines.runtime import BACKEND_ENV, OnnxRuntimeGenerator
+
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setattr(engine_ov, "openvino_installed", lambda: None)
+    with caplog.at_level(logging.INFO, logger="fastp2p.engines"):
+        rt = open_runtime(exported("eval", mode="eval"), backend="auto")
+    assert isinstance(rt, OnnxRuntimeGenerator)
+    lines = [r.getMessage() for r in caplog.records if "auto:" in r.getMessage()]
+    assert lines == ["backend onnxruntime (auto: openvino is not installed; pip install 'fastp2p[openvino]' for it) "
+                     "-- pass --backend openvino to override"]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fastp2p.engines"):
+        open_runtime(exported("eval", mode="eval"))  # None: ONNX Runtime, as before, and nothing said
+    assert not caplog.records
+
+
+def test_backend_options_are_refused_where_they_do_not_apply(exported, ckpt, work):
+    from fastp2p.engines.runtime import BACKEND_CHOICES
+
+    from fastp2p.cli.translate import BACKENDS, RUNTIME_OPTIONS
+
+    assert BACKENDS == BACKEND_CHOICES  # the CLI's copy (it does not import torch to build the parser)
+    src = exported("eval", mode="eval")
+    for kw, needle in (({"backend": "onnxruntime", "ov_hint": "throughput"}, "--ov_hint: an OpenVINO option"),
+                       ({"streams": 2}, "--streams: an OpenVINO option"),
+                       ({"backend": "bogus"}, "choose one of auto, onnxruntime, openvino")):
+        with pytest.raises(UserError, match=needle):
+            open_runtime(src, **kw)
+    with pytest.raises(UserError, match="--ov_precision: an OpenVINO option"):
+        open_runtime(ckpt, ov_precision="bf16")
+    open_runtime(ckpt, backend="auto")  # the CLI's default is fine for a checkpoint
+    xml = work / "some.xml"
+    xml.write_text("<net />")
+    with pytest.raises(UserError, match="is an OpenVINO IR, which runs on OpenVINO"):
+        open_runtime(xml, backend="onnxruntime")
+    import inspect
+
+    assert set(RUNTIME_OPTIONS) <= set(inspect.signature(open_runtime).parameters)
+
+
+def test_cli_refuses_runtime_options_with_a_checkpoint(work, ckpt, capsys):
+    from fastp2p.cli.main import main
+
+    for extra in (["--threads", "2"], ["--ov_hint", "throughput"], ["--backend", "openvino"]):
+        rc = main(["translate", str(work / "none.png"), "--checkpoint", str(ckpt), "-o", str(work / "o"), *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and extra[0] in err and "--checkpoint" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_help_lists_the_openvino_backend_and_its_options(capsys):
+    from fastp2p.cli.main import main
+
+    for cmd, needles in (("build-engine", ["{tensorrt,openvino,onnxruntime}", "--ov_hint", "G.xml"]),
+                         ("translate", ["{auto,onnxruntime,openvino}", "default auto", "--ov_precision", "--streams"]),
+                         ("eval", ["{auto,onnxruntime,openvino}", "--threads"]), ("pipe", ["--ov_hint"])):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert e.value.code == 0 and all(n in out for n in needles), (cmd, out)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_smooth_pairs
 from PIL import Image
 
 from fastp2p import metrics as M
@@ -136,14 +137,7 @@ def ckpt(work) -> Path:
 @pytest.fixture(scope="module")
 def pairs(work) -> Path:
     """3 aligned A|B files of 96 x 192: smooth A, B = a brighter copy, so the scores are not noise."""
-    folder = work / "pairs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        a = np.clip(np.cumsum(rng.integers(-8, 9, (96, 96, 3)), axis=1) + 128, 0, 255).astype(np.uint8)
-        b = np.clip(a.astype(int) + 40, 0, 255).astype(np.uint8)
-        Image.fromarray(np.concatenate([a, b], axis=1)).save(folder / f"p{i}.png")
-    return folder
+    return write_smooth_pairs(work / "pairs", 3, 96)
 
 
 class _FakeInception(torch.nn.Module):

@@ -4,6 +4,11 @@ Why: one full-suite run (2026-12-02, fresh clone, 2-core EPYC) segfaulted in the
 the Triton interpreter, inductor and several oneDNN/OpenMP runtimes already loaded into the same pytest process; the
 cases pass alone and beside the tests around them, and `fastp2p --backend openvino` is one process of its own. Until
 the interaction is understood, the suite keeps OpenVINO's runtime out of the shared process.
+
+The CLI's default ``--backend auto`` picks OpenVINO for an .onnx whenever it is installed, so a test that runs a
+command in-process on an .onnx (tests/test_readme.py runs the README's so) would load it there: tests/conftest.py sets
+``FASTP2P_BACKEND=onnxruntime`` (the variable ``auto`` obeys) for the shared process; tests/openvino_cases.py
+unsets it for each of its cases.
 """
 
 from __future__ import annotations

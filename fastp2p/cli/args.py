@@ -124,19 +124,19 @@ def check_arch_flags(args, src, flag: str = "--checkpoint") -> None:
 
 def check_source_flags(args) -> None:
     """--checkpoint / --engine: an existing file of the kind the flag takes (before anything is loaded)."""
-    from ..engines.runtime import ONNX_SUFFIXES, TORCH_SUFFIXES, TRT_SUFFIXES
+    from ..engines.runtime import ONNX_SUFFIXES, OPENVINO_SUFFIXES, TORCH_SUFFIXES, TRT_SUFFIXES
 
     for flag, value, kinds, other in (("--checkpoint", getattr(args, "checkpoint", None), TORCH_SUFFIXES, "--engine"),
                                       ("--engine", getattr(args, "engine", None),
-                                       TORCH_SUFFIXES + ONNX_SUFFIXES + TRT_SUFFIXES, None)):
+                                       TORCH_SUFFIXES + ONNX_SUFFIXES + OPENVINO_SUFFIXES + TRT_SUFFIXES, None)):
         if value is None:
             continue
         path = Path(value)
         if path.is_dir():
             raise UserError(f"{flag} {path}: is a folder; give the file")
         if path.suffix.lower() not in kinds:  # the wrong flag for this kind of file, whether it exists or not
-            hint = (f"; pass exported .onnx / .plan files with {other}" if other and path.suffix.lower() in
-                    ONNX_SUFFIXES + TRT_SUFFIXES else "")
+            hint = (f"; pass exported .onnx / .xml / .plan files with {other}" if other and path.suffix.lower() in
+                    ONNX_SUFFIXES + OPENVINO_SUFFIXES + TRT_SUFFIXES else "")
             raise UserError(f"{flag} {path}: expected a {' / '.join(kinds)} file{hint}")
         if not path.is_file():
             raise UserError(f"{flag} not found: {path}")
@@ -205,3 +205,20 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
                         "mode draws the paper's dropout, seeded by --seed. Not --no_dropout, which describes a .pth "
                         "generator built without dropout layers")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cpu (cuda for a TensorRT plan)")
+
+
+def add_gate_flags(p: argparse.ArgumentParser, what: str, default_min_psnr: float | None, measured: str) -> None:
+    """The quality gate of a lossy step (``fastp2p.gate``): ``--gate_data``, ``--gate_images``, ``--min_psnr``,
+    ``--force``, ``--no_gate``. ``measured``: where the default bar comes from, for the help line."""
+    p.add_argument("--gate_data", default=None, metavar="DIR",
+                   help=f"validation pairs the {what} is scored on against the fp32 teacher (default: the val split "
+                        "beside the teacher's training data; no gate when there is none)")
+    p.add_argument("--gate_images", type=positive, default=None,
+                   help="score at most this many images of --gate_data (default: all)")
+    bar = "none: scores printed and recorded only" if default_min_psnr is None else f"{default_min_psnr:g} dB"
+    p.add_argument("--min_psnr", type=float, default=default_min_psnr,
+                   help=f"lowest PSNR in dB of the {what}'s outputs against the teacher's outputs, mean over "
+                        f"--gate_data; below it: exit 2 (default {bar}; {measured})")
+    p.add_argument("--force", action="store_true",
+                   help="keep a result below --min_psnr (one warning line, exit 0); without it: exit 2")
+    p.add_argument("--no_gate", action="store_true", help="skip the quality gate (default: gate when data exists)")

@@ -203,8 +203,8 @@ def add_info_parser(sub) -> None:
     p = sub.add_parser("info", help="print a checkpoint's or an export's metadata (JSON)")
     p.add_argument("src", metavar="FILE",
                    help="the file to describe (required): a fastp2p .safetensors checkpoint, a reference .pth, an "
-                        ".onnx export (or build-engine's .ort.onnx), or a TensorRT .plan (read from its .plan.json "
-                        "sidecar)")
+                        ".onnx export (or build-engine's .ort.onnx), an OpenVINO IR .xml (build-engine --backend "
+                        "openvino), or a TensorRT .plan (read from its .plan.json sidecar)")
     p.set_defaults(func=cmd_info)
 
 
@@ -265,13 +265,18 @@ def cmd_info(args) -> int:
 
     path = Path(args.src)
     if path.is_dir():
-        raise UserError(f"FILE {path}: is a folder; give a .safetensors, .pth, .onnx or .plan file")
+        raise UserError(f"FILE {path}: is a folder; give a .safetensors, .pth, .onnx, .xml or .plan file")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         print(json.dumps(_onnx_info(path), indent=2))
         return 0
     if suffix in (".plan", ".engine", ".trt"):
         print(json.dumps(_plan_info(path), indent=2))
+        return 0
+    if suffix == ".xml":  # an OpenVINO IR: its <rt_info> read by the XML parser, no OpenVINO needed
+        from ..engines.openvino import describe_ir
+
+        print(json.dumps(describe_ir(path), indent=2))
         return 0
     if path.suffix in (".pth", ".pt"):
         from ..models import keys

@@ -24,16 +24,45 @@ from .args import (
 log = logging.getLogger("fastp2p.video")
 
 
+BACKENDS = ("auto", "onnxruntime", "openvino")  # fastp2p.engines.runtime.BACKEND_CHOICES (not imported: torch)
+RUNTIME_OPTIONS = ("threads", "ov_precision", "ov_hint", "streams")  # open_runtime keywords set by add_backend
+
+
 def add_backend(p) -> None:
-    """``--backend``: what runs an .onnx --engine (translate, pipe, eval)."""
-    p.add_argument("--backend", choices=("onnxruntime", "openvino"), default=None,
-                   help="what runs an .onnx --engine: onnxruntime or openvino (CPU, compiled model cached in "
-                        "~/.cache/fastp2p/openvino) (default: onnxruntime)")
+    """``--backend`` and the CPU runtime options: what runs an .onnx / .xml --engine, and how (translate, pipe,
+    eval); ``runtime_options(args)`` hands them to ``open_runtime``."""
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="what runs an .onnx --engine: onnxruntime; openvino (CPU, compiled model cached in "
+                        "~/.cache/fastp2p/openvino); auto: openvino on the CPU when it is installed, else onnxruntime, "
+                        "said in one log line (default %(default)s). An .xml (build-engine --backend openvino) "
+                        "runs on openvino")
+    p.add_argument("--ov_precision", choices=("fp32", "bf16"), default=None,
+                   help="OpenVINO compute precision: bf16 only where the CPU has it (AVX512-BF16 / AMX), outputs "
+                        "differ from fp32 by up to ~3e-2 (default fp32; an .xml: what its build-engine chose)")
+    p.add_argument("--ov_hint", choices=("latency", "throughput"), default=None,
+                   help="OpenVINO mode: latency (one stream, for small batches) or throughput (a batch split over "
+                        "several streams) (default latency; an .xml: what its build-engine chose)")
+    p.add_argument("--threads", type=positive, default=None,
+                   help="CPU threads of ONNX Runtime / OpenVINO (default: one per core this process may run on)")
+    p.add_argument("--streams", type=positive, default=None,
+                   help="OpenVINO streams, parallel infer requests (default: OpenVINO's choice for --ov_hint)")
+
+
+def runtime_options(args) -> dict:
+    """The ``open_runtime`` keywords of ``add_backend``'s options that were given."""
+    return {k: getattr(args, k) for k in RUNTIME_OPTIONS if getattr(args, k, None) is not None}
 
 
 def check_backend(args) -> None:
-    if args.backend is not None and args.checkpoint is not None:
+    if args.checkpoint is None:
+        return
+    if args.backend not in (None, "auto"):
         raise UserError(f"--backend {args.backend}: only for an .onnx --engine, not --checkpoint; leave --backend out")
+    given = [f"--{k}" for k in runtime_options(args)]
+    if given:
+        raise UserError(f"{given[0]}: only for an .onnx or .xml --engine (ONNX Runtime / OpenVINO), not --checkpoint; "
+                        "leave it out")
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("translate", help="translate images with a trained generator")
@@ -41,7 +70,8 @@ def add_parser(sub) -> None:
                    help="image files or folders, or one video file (.mp4 .mov .mkv .avi .webm ...: PyAV)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="fastp2p .safetensors or reference latest_net_G.pth")
-    src.add_argument("--engine", help="an exported G.onnx (ONNX Runtime) or G.plan (TensorRT), see `fastp2p export`")
+    src.add_argument("--engine", help="an exported G.onnx (ONNX Runtime or OpenVINO, see --backend), G.xml (OpenVINO) "
+                                      "or G.plan (TensorRT), see `fastp2p export` and `fastp2p build-engine`")
     p.add_argument("-o", "--out", required=True,
                    help="output folder (one PNG per input, named after its stem; two inputs with one stem are "
                         "refused), or the output video file; never an input or an input folder")
@@ -91,7 +121,8 @@ def cmd_translate(args) -> int:
         out = translate_video(args.inputs[0], args.out, checkpoint=args.checkpoint, engine=args.engine,
                               batch_size=args.batch_size or 8, mode=args.mode, device=args.device,
                               model=arch_from(args), overwrite=args.overwrite, max_pixels=args.max_pixels,
-                              progress=not args.no_progress, backend=args.backend)
+                              progress=not args.no_progress, backend=args.backend,
+                              runtime_options=runtime_options(args))
         print(f"wrote {out}")
         return 0
 
@@ -100,7 +131,7 @@ def cmd_translate(args) -> int:
                               model=arch_from(args), dropout=False if args.no_dropout_at_inference else None,
                               device=args.device, seed=args.seed, engine=args.engine, kernels=args.kernels,
                               overwrite=args.overwrite, max_pixels=args.max_pixels, progress=not args.no_progress,
-                              backend=args.backend)
+                              backend=args.backend, runtime_options=runtime_options(args))
     print(f"wrote {len(written)} image(s) to {args.out}")
     return 0
 
@@ -117,7 +148,8 @@ def add_pipe_parser(sub) -> None:
     p.add_argument("--size", required=True, help="frame size WIDTHxHEIGHT, e.g. 640x360")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="fastp2p .safetensors or reference latest_net_G.pth")
-    src.add_argument("--engine", help="an exported G.onnx (ONNX Runtime) or G.plan (TensorRT)")
+    src.add_argument("--engine", help="an exported G.onnx (ONNX Runtime or OpenVINO), G.xml (OpenVINO) or G.plan "
+                                      "(TensorRT)")
     p.add_argument("--batch_size", type=positive, default=4, help="frames per batch (default %(default)s)")
     p.add_argument("--max_latency_ms", type=bounded_float(0.0), default=100.0,
                    help="send a partial batch after this many ms without a full one (>= 0; default %(default)g ms)")
@@ -142,7 +174,7 @@ def cmd_pipe(args) -> int:
     check_arch_flags(args, args.checkpoint or args.engine, "--checkpoint" if args.checkpoint else "--engine")
     model = arch_from(args) if args.checkpoint else None
     tr = _translator(args.checkpoint, args.engine, mode=args.mode, device=args.device, model=model, fit=args.fit,
-                     backend=args.backend)
+                     backend=args.backend, **runtime_options(args))
     n = run_pipe(tr, w, h, batch_size=args.batch_size, max_latency_ms=args.max_latency_ms)
     log.info("pipe: %d frame(s) of %dx%d", n, w, h)
     return 0
