@@ -69,13 +69,17 @@ INPUT, OUTPUT = "input", "output"
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
 BF16_OPSET = 22  # the first opset whose Conv / ConvTranspose accept bfloat16
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16")  # what ``export_onnx`` casts the generator to
+QUANTIZED_PRECISIONS = ("int8",)  # written by engines/quantize.py from an fp32 export (static QDQ)
+FILE_PRECISIONS = PRECISIONS + QUANTIZED_PRECISIONS  # what a file's fastp2p.precision may say
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EXPORTERS = ("auto", "dynamo", "torchscript")
 PROTOBUF_LIMIT = 2**31 - 2**20  # a little under protobuf's 2 GiB, for the graph itself
 MAX_BATCH = 4096
 # metadata values stored as JSON (the others are plain strings)
-_JSON_KEYS = {"preprocessing", "arch", "input", "output", "dynamic_hw", "size_multiple", "opset"}
+_JSON_KEYS = {"preprocessing", "arch", "input", "output", "dynamic_hw", "size_multiple", "opset",
+              "quantization",  # engines/quantize.py: tool, method, calibration set of an int8 file
+              "quality_gate"}  # the scores of the quality gate run on a lossy export
 
 
 def require_onnx():
@@ -331,6 +335,10 @@ def _trace_onnx(M: nn.Module, example: torch.Tensor, *, dynamic: bool, multiple:
 
 def _set_meta(proto, meta: dict) -> None:
     del proto.metadata_props[:]
+    _set_meta_entries(proto, meta)
+
+
+def _set_meta_entries(proto, meta: dict) -> None:
     for k, v in meta.items():
         entry = proto.metadata_props.add()
         entry.key = META_PREFIX + k
@@ -369,6 +377,8 @@ def check_meta(meta: dict, where: str | Path, prefix: str = META_PREFIX, fix: st
 
     if meta.get("mode") not in MODES:
         bad("mode", f"is {meta.get('mode')!r}, not one of {', '.join(MODES)}")
+    if "precision" in meta and meta["precision"] not in FILE_PRECISIONS:  # absent: an early export, fp32
+        bad("precision", f"is {meta['precision']!r}, not one of {', '.join(FILE_PRECISIONS)}")
     pre = meta.get("preprocessing")
     if not isinstance(pre, dict) or not _count(pre.get("crop_size")):
         bad("preprocessing", "is missing or has no positive crop_size")
@@ -382,6 +392,27 @@ def check_meta(meta: dict, where: str | Path, prefix: str = META_PREFIX, fix: st
             or len(inp["shape"]) != 4:
         bad("input", "is missing or lacks its name / 4-d shape")
     return meta
+
+
+def update_onnx_meta(path: str | Path, **entries) -> dict:
+    """Set (or, with a value of None, remove) ``fastp2p.<key>`` metadata entries of the ONNX file at ``path`` and
+    rewrite it atomically; the graph, the other entries and any external weights file are left as they are. Keys in
+    ``_JSON_KEYS`` take JSON values, the others strings. Returns the file's fastp2p metadata afterwards. How the
+    quality gate records its scores in an int8 export (``update_onnx_meta(p, quality_gate={...})``)."""
+    path = Path(path)
+    proto = _load_proto(path)
+    for k, v in entries.items():
+        if k not in _JSON_KEYS and not isinstance(v, str | type(None)):
+            raise ValueError(f"fastp2p.{k}: a {type(v).__name__} needs a JSON key (engines/onnx.py _JSON_KEYS)")
+    keep = [e for e in proto.metadata_props if e.key[len(META_PREFIX):] not in entries
+            or not e.key.startswith(META_PREFIX)]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    _set_meta_entries(proto, {k: v for k, v in entries.items() if v is not None})
+    data = proto.SerializeToString()  # external weights are not loaded, so the graph alone is under 2 GB
+    with outputs.writing(path, str(path)):
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    return meta_from_proto(proto, path)
 
 
 def _load_proto(path: Path, hint: str = ""):

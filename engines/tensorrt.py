@@ -7,9 +7,12 @@ dynamic); the builder optimization level; a persistent timing cache file; a work
 gets a JSON sidecar ``.plan.json`` with the TensorRT version, the GPU (name, compute capability), the profile shapes,
 precision, mode and preprocessing, and the source checkpoint's hash.
 
-INT8 / FP8 would take explicit quantization: Q/DQ nodes in the ONNX graph from a calibration pass over representative
-images (NVIDIA ModelOpt's ``mtq.quantize`` + ONNX export), not a builder flag (implicit INT8 calibration is deprecated
-in TensorRT 10 and gone in 11), and a quality check against fp32 outputs, since quantization changes the images.
+INT8 is explicit quantization: ``fastp2p export --precision int8 --calib DIR`` (engines/quantize.py) writes Q/DQ
+nodes calibrated on real images, and the strongly typed network takes its int8 types from them, so the build is the
+same as for any other precision, and so is trtexec's (``--stronglyTyped``; no ``--int8``/``--fp16``: precision flags
+do not apply to a strongly typed network, and TensorRT 11 has none; implicit INT8 calibration is deprecated in
+TensorRT 10.1 and gone in 11). TensorRT quantizes symmetric int8 only (zero point 0): ``check_int8_onnx`` refuses,
+before the build, a QDQ file with other zero points (an asymmetric uint8 one from another tool).
 
 Run (``TrtGenerator``): refuses, with one ``UserError``, a plan whose sidecar names another TensorRT version or GPU;
 binds torch-allocated CUDA tensors with ``set_input_shape`` / ``set_tensor_address`` and runs ``execute_async_v3`` on
@@ -174,6 +177,17 @@ def profile_shapes(meta: dict, batch=DEFAULT_BATCH, hw=None) -> dict:
     return {k: [int(b), C, int(s), int(s)] for k, b, s in zip(("min", "opt", "max"), batch, hw, strict=True)}
 
 
+def check_int8_onnx(onnx_path: str | Path) -> None:
+    """A ``UserError`` unless the int8 QDQ file at ``onnx_path`` is one TensorRT takes (symmetric int8 Q/DQ nodes;
+    ``engines/quantize.tensorrt_problem``). Needs no TensorRT, so build-engine checks before it prints a trtexec
+    command or builds."""
+    from .quantize import tensorrt_problem
+
+    why = tensorrt_problem(onnx_path)
+    if why:
+        raise UserError(why)
+
+
 def trtexec_command(onnx_path: str | Path, plan_path: str | Path, shapes: dict, *, input_name: str = "input",
                     opt_level: int = DEFAULT_OPT_LEVEL, workspace_mib: int = DEFAULT_WORKSPACE_MIB,
                     timing_cache: str | Path | None = None, tf32: bool = False) -> str:
@@ -231,6 +245,8 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch=DEFAULT_
     onnx_path, plan_path = Path(onnx_path), Path(plan_path)
     check_plan_output(plan_path, inputs=[onnx_path], overwrite=overwrite, timing_cache=timing_cache)
     meta = read_onnx_meta(onnx_path)
+    if meta.get("precision") == "int8":  # explicit quantization: the Q/DQ nodes type the strongly typed network
+        check_int8_onnx(onnx_path)
     shapes = profile_shapes(meta, batch, hw)
     input_name = meta["input"]["name"]
     t0 = time.perf_counter()
@@ -278,7 +294,8 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, *, batch=DEFAULT_
     sidecar = {
         "format": PLAN_FORMAT, "tensorrt_version": trt.__version__, "gpu": gpu_identity(),
         "cuda": torch.version.cuda, "profile": {input_name: shapes}, "precision": meta.get("precision"),
-        "tf32": bool(tf32), "mode": meta.get("mode"), "dropout": meta.get("dropout"),
+        "quantization": meta.get("quantization"), "tf32": bool(tf32), "mode": meta.get("mode"),
+        "dropout": meta.get("dropout"),
         "preprocessing": meta.get("preprocessing"), "arch": meta.get("arch"), "dynamic_hw": meta.get("dynamic_hw"),
         "size_multiple": meta.get("size_multiple"), "input": meta.get("input"), "output": meta.get("output"),
         "checkpoint": meta.get("checkpoint"), "checkpoint_sha256": meta.get("checkpoint_sha256"),

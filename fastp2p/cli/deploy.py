@@ -1,8 +1,11 @@
 """``fastp2p export`` and ``fastp2p build-engine``: ``add_parsers(subparsers)`` adds both to the main parser.
 
     fastp2p export CKPT -o G.onnx [--mode paper|eval] [--precision fp32|fp16|bf16] [--dynamic] [--opset N]
-    fastp2p build-engine CKPT|G.onnx -o G.plan [--backend tensorrt|onnxruntime] [--precision fp16|bf16|fp32]
+    fastp2p export CKPT -o G.int8.onnx --precision int8 --calib DIR [--calib_images N] [--calib_method minmax]
+                   [--gate_data DIR] [--min_psnr DB] [--force]
+    fastp2p build-engine CKPT|G.onnx -o G.plan [--backend tensorrt|onnxruntime|openvino] [--precision fp16|bf16|fp32]
                          [--batch MIN,OPT,MAX]
+    fastp2p build-engine CKPT|G.onnx -o G.xml --backend openvino [--precision fp32|bf16] [--ov_hint latency|throughput]
 
 Each subcommand sets ``func`` (``args -> exit status``); failures raise ``UserError`` (one line, exit 2).
 """
@@ -10,11 +13,16 @@ Each subcommand sets ``func`` (``args -> exit status``); failures raise ``UserEr
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
 from pathlib import Path
 
 from ..errors import UserError
 from . import official
-from .args import add_arch, add_overwrite, arch_from, check_arch_flags, check_crop_size, positive
+from .args import add_arch, add_gate_flags, add_overwrite, arch_from, check_arch_flags, check_crop_size, positive
+
+log = logging.getLogger("fastp2p")
 
 
 def _add_export_flags(p: argparse.ArgumentParser, *, precision_default: str | None,
@@ -31,8 +39,25 @@ def _add_export_flags(p: argparse.ArgumentParser, *, precision_default: str | No
                            "says it). Not --no_dropout, which describes a .pth generator built without dropout layers")
     default_help = (f"default {precision_default}" if precision_default else
                     "default: fp16 for tensorrt, fp32 for onnxruntime, an .onnx's own")
-    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=precision_default,
-                   help=f"weights and activations; input/output stay float32; bf16 needs opset 22 ({default_help})")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8"), default=precision_default,
+                   help="weights and activations; input/output stay float32; bf16 needs opset 22; int8: static "
+                        f"per-channel QDQ calibrated on --calib images, made by export only ({default_help})")
+    if precision_default is not None:  # export; build-engine (None: an .onnx keeps its own precision) never calibrates
+        # engines/quantize.py's DEFAULT_CALIB_IMAGES, DEFAULT_METHOD, METHODS, spelled out so that building the parser
+        # imports no torch (tests/test_quantize.py checks that they agree)
+        DEFAULT_CALIB_IMAGES, DEFAULT_METHOD, METHODS = 64, "minmax", ("minmax", "entropy", "percentile")
+        p.add_argument("--calib", metavar="DIR", default=None,
+                       help="--precision int8 only, and then required: folder of source images to calibrate on "
+                            "(aligned A|B pairs: the source half per the checkpoint's direction; A/ and B/; or plain "
+                            "images), read with the model's preprocessing; a dataset root means its val/ "
+                            "(default: none)")
+        p.add_argument("--calib_images", type=positive, default=None, metavar="N",
+                       help=f"how many images of --calib to calibrate on, evenly spaced over the sorted files "
+                            f"(default {DEFAULT_CALIB_IMAGES}, or all when fewer)")
+        p.add_argument("--calib_method", choices=METHODS, default=None,
+                       help="activation ranges: minmax (observed extremes), entropy (KL divergence), percentile "
+                            f"(99.999th); entropy and percentile hold every activation of every calibration image "
+                            f"in memory, ~55 MB per image for unet_256 at 256x256 (default {DEFAULT_METHOD})")
     p.add_argument("--dynamic", action="store_true",
                    help="dynamic height and width (multiples of 2^num_downs); without it: fixed at --crop_size; "
                         "the batch is always dynamic")
@@ -55,16 +80,28 @@ def add_parsers(sub) -> None:
     p.add_argument("-o", "--out", required=True, help="output .onnx")
     add_overwrite(p, "ONNX files fastp2p exported")
     _add_export_flags(p, precision_default="fp32")
+    from ..gate import DEFAULT_MIN_PSNR, MEASURED
+
+    add_gate_flags(p, "INT8 export", DEFAULT_MIN_PSNR["int8"], MEASURED["int8"])
     official.add_selection_flags(p, dest="src")  # or --name/--epoch: a run's checkpoint
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("build-engine", help="build a TensorRT engine (or an optimized ONNX Runtime model)",
+    p = sub.add_parser("build-engine", help="build a TensorRT engine, an OpenVINO IR, or an optimized ONNX Runtime "
+                                            "model",
                        description="Build an inference engine from a checkpoint (exported to ONNX first) or an "
-                                   "exported .onnx.")
+                                   "exported .onnx. With --backend openvino, --precision is the compute precision "
+                                   "(fp32, or bf16 where the CPU has it; the IR keeps fp32 weights, an INT8 QDQ .onnx "
+                                   "its int8 ones) and is recorded in the IR with --ov_hint as the default of later "
+                                   "runs; the model is compiled once, into OpenVINO's on-disk cache.")
     p.add_argument("src", metavar="CHECKPOINT|ONNX", help="fastp2p .safetensors, reference .pth, or G.onnx")
-    p.add_argument("-o", "--out", required=True, help="output: G.plan (tensorrt) or G.ort.onnx (onnxruntime)")
-    p.add_argument("--backend", choices=("tensorrt", "onnxruntime"), default="tensorrt",
-                   help="tensorrt: a TensorRT .plan; onnxruntime: an optimized .onnx (default %(default)s)")
+    p.add_argument("-o", "--out", required=True,
+                   help="output: G.plan (tensorrt), G.xml with G.bin beside it (openvino) or G.ort.onnx (onnxruntime)")
+    p.add_argument("--backend", choices=("tensorrt", "openvino", "onnxruntime"), default="tensorrt",
+                   help="tensorrt: a TensorRT .plan; openvino: an OpenVINO IR (.xml + .bin, CPU), its compiled model "
+                        "cached in ~/.cache/fastp2p/openvino; onnxruntime: an optimized .onnx (default %(default)s)")
+    p.add_argument("--ov_hint", choices=("latency", "throughput"), default=None,
+                   help="--backend openvino: the OpenVINO mode recorded in the IR as its runs' default, latency (one "
+                        "stream) or throughput (several) (default latency)")
     p.add_argument("--batch", default="1,8,32", help="TensorRT profile batch sizes MIN,OPT,MAX (default 1,8,32)")
     p.add_argument("--hw", default=None,
                    help="TensorRT profile sizes MIN,OPT,MAX for a --dynamic export (default size_multiple,crop,crop)")
@@ -79,18 +116,23 @@ def add_parsers(sub) -> None:
     p.add_argument("--onnx", default=None,
                    help="where to write the intermediate ONNX of a checkpoint (default: -o with suffix .onnx; "
                         "G.src.onnx beside a --backend onnxruntime G.ort.onnx)")
-    add_overwrite(p, "files of an earlier build (a plan with its .plan.json sidecar, fastp2p ONNX files)")
+    add_overwrite(p, "files of an earlier build (a plan with its .plan.json sidecar, an IR's .xml and .bin, "
+                     "fastp2p ONNX files)")
     _add_export_flags(p, precision_default=None, mode_default="paper for a checkpoint; an .onnx keeps its own")
     p.set_defaults(func=cmd_build_engine, mode=None)  # None: paper for a checkpoint; an .onnx keeps its own
 
 
 def _check_outputs(args, src: Path, onnx_path: Path, out: Path) -> None:
     """Every file build-engine writes, checked before the first one is written (``fastp2p.outputs``); needs no
-    TensorRT."""
+    TensorRT nor OpenVINO (an IR's .xml is told by its XML, its .bin by the .xml beside it)."""
     if args.backend == "tensorrt":
         from ..engines.tensorrt import check_plan_output
 
         check_plan_output(out, inputs=[src, onnx_path], overwrite=args.overwrite, timing_cache=args.timing_cache)
+    elif args.backend == "openvino":
+        from ..engines.openvino import check_ir_output
+
+        check_ir_output(out, inputs=[src, onnx_path], overwrite=args.overwrite)
     else:
         from ..engines.onnxruntime import check_optimized_output
 
@@ -144,10 +186,118 @@ def cmd_export(args) -> int:
     from ..engines.onnx import export_onnx
 
     _check_mode_flags(args)
-    out = export_onnx(args.src, args.out, **_export_kwargs(args, args.precision), overwrite=args.overwrite)
-    print(f"wrote {out} ({args.mode} mode{', dropout on' if args.paper_dropout else ''}, {args.precision}"
-          f"{', dynamic H,W' if args.dynamic else ''})")
+    calib_flags = [f for f, v in (("--calib", args.calib), ("--calib_images", args.calib_images),
+                                  ("--calib_method", args.calib_method)) if v is not None]
+    gate_flags = [f for f, on in (("--gate_data", args.gate_data is not None), ("--gate_images", args.gate_images),
+                                  ("--force", args.force), ("--no_gate", args.no_gate)) if on]
+    if args.precision != "int8":
+        if gate_flags:
+            raise UserError(f"{gate_flags[0]}: the quality gate is for --precision int8 only (an fp32 export is the "
+                            "generator itself); add --precision int8 or leave it out")
+        if calib_flags:
+            raise UserError(f"{calib_flags[0]}: calibration is for --precision int8 only; add --precision int8 or "
+                            f"leave {' '.join(calib_flags)} out")
+        out = export_onnx(args.src, args.out, **_export_kwargs(args, args.precision), overwrite=args.overwrite)
+        print(f"wrote {out} ({args.mode} mode{', dropout on' if args.paper_dropout else ''}, {args.precision}"
+              f"{', dynamic H,W' if args.dynamic else ''})")
+        return 0
+
+    # int8: export fp32 to a temporary file, calibrate on --calib, write the QDQ graph to -o (engines/quantize.py)
+    import tempfile
+
+    from ..engines import quantize as q
+    from ..engines.onnx import check_onnx_output, read_onnx_meta
+
+    if args.calib is None:
+        raise UserError("--precision int8 needs --calib DIR: a folder of source images to calibrate the int8 ranges "
+                        "on (e.g. the training or validation split)")
+    n_images = args.calib_images or q.DEFAULT_CALIB_IMAGES
+    method = args.calib_method or q.DEFAULT_METHOD
+    q.calibration_sources(args.calib, n_images)  # a bad --calib fails before the export, not after it
+    out = Path(args.out)
+    if out.suffix != ".onnx":
+        raise UserError(f"-o {out}: an ONNX export must be named *.onnx")
+    check_onnx_output(out, inputs=[args.src], overwrite=args.overwrite)
+    gate_data = _gate_data(args)  # a bad --gate_data fails before the export, not after it
+    with tempfile.TemporaryDirectory(prefix="fastp2p-int8-", dir=out.parent if out.parent.is_dir() else None) as work:
+        fp32 = export_onnx(args.src, Path(work) / "fp32.onnx", **_export_kwargs(args, "fp32"))
+        calib = q.calibration_batches(args.calib, read_onnx_meta(fp32), n_images)
+        staged = Path(work) / out.name  # gated first, then moved to -o: a rejected file never lands there
+        q.quantize_onnx(fp32, staged, calib, method=method,
+                        meta_extra={"source_onnx": f"fp32 export of {Path(args.src).name}, made for this file"})
+        if gate_data is not None:
+            # The gate: the int8 file against the fp32 checkpoint it came from (opened in the file's mode, dropout,
+            # size and direction), on validation pairs; the scores go into the file's metadata either way.
+            from .. import gate
+            from ..engines.onnx import update_onnx_meta
+
+            scores = gate.score_against_reference(staged, args.src, gate_data, max_images=args.gate_images,
+                                                  batch_size=4, backend="auto")
+            print(gate.gate_line("INT8 export", scores, args.min_psnr), file=sys.stderr)
+            try:
+                result = gate.enforce(scores, min_psnr=args.min_psnr, force=args.force, what="INT8 export")
+            except UserError as e:
+                raise UserError(f"{e}; nothing written to {out}") from None
+            result["candidate"] = str(out)
+            update_onnx_meta(staged, quality_gate=result)
+        check_onnx_output(out, inputs=[args.src], overwrite=args.overwrite)  # again: a file may have appeared
+        os.replace(staged, out)
+    print(f"wrote {out} ({args.mode} mode{', dropout on' if args.paper_dropout else ''}, int8 QDQ, calibrated on "
+          f"{len(calib)} image(s) of {calib.folder}, {method}{', dynamic H,W' if args.dynamic else ''}"
+          f"{'' if gate_data is None else ', gate ' + ('passed' if result['passed'] else 'FORCED')})")
     return 0
+
+
+def _gate_data(args) -> Path | None:
+    """--gate_data, or the val split beside the checkpoint's training data; None: no gate (--no_gate, or no split:
+    one warning line)."""
+    from .. import gate
+
+    gate.check_min_psnr(args.min_psnr)
+    if args.no_gate:
+        return None
+    if args.gate_data is not None:
+        from ..scoring import resolve_split
+
+        return resolve_split(args.gate_data, "--gate_data")
+    found = gate.default_gate_data(args.src)
+    if found is None:
+        log.warning("no quality gate: %s records no training data with a val split beside it; pass --gate_data DIR "
+                    "(or --no_gate)", args.src)
+    return found
+
+
+def _openvino_precision(args, meta: dict | None) -> str:
+    """build-engine --backend openvino: the compute precision --precision asks for (see the parser's description);
+    None -> fp32. Refused before anything is written: a precision OpenVINO's CPU plugin has no hint for, bf16 on a CPU
+    without it."""
+    from ..engines.openvino import PRECISIONS, check_precision
+
+    own = (meta or {}).get("precision")
+    if args.precision is None or (meta is not None and args.precision == own and own not in PRECISIONS):
+        precision = "fp32"  # an .onnx's own precision (fp16 weights, int8 QDQ) computed in fp32 where not int8
+    elif args.precision in PRECISIONS:
+        precision = args.precision
+    else:
+        hint = ("; for INT8 build from a QDQ .onnx (`fastp2p export --precision int8 --calib DIR`)"
+                if args.precision == "int8" else "")
+        raise UserError(f"--precision {args.precision}: --backend openvino computes in fp32 or bf16 (an fp16 or INT8 "
+                        f"QDQ .onnx runs under either); use --precision fp32 or bf16{hint}")
+    check_precision(precision)
+    return precision
+
+
+def _refuse_other_backend_flags(args) -> None:
+    """Flags of another backend than the one building: refused, not ignored."""
+    trt = [("--hw", args.hw is not None), ("--timing_cache", args.timing_cache is not None), ("--tf32", args.tf32),
+           (f"--batch {args.batch}", args.batch != "1,8,32"), (f"--opt_level {args.opt_level}", args.opt_level != 3),
+           (f"--workspace {args.workspace}", args.workspace != 4096)]
+    given = [f for f, on in trt if on]
+    if args.backend == "openvino" and given:
+        raise UserError(f"{given[0]}: a TensorRT flag; --backend openvino takes --precision and --ov_hint, leave it "
+                        "out")
+    if args.backend != "openvino" and args.ov_hint is not None:
+        raise UserError(f"--ov_hint {args.ov_hint}: for --backend openvino only, not {args.backend}; leave it out")
 
 
 def cmd_build_engine(args) -> int:
@@ -164,30 +314,53 @@ def cmd_build_engine(args) -> int:
         raise UserError(f"--timing_cache {args.timing_cache}: is a folder; give a file path (created if missing)")
     batch = parse_triple(args.batch, "--batch")
     hw = parse_triple(args.hw, "--hw") if args.hw else None
+    _refuse_other_backend_flags(args)
     from_onnx = src.suffix == ".onnx"
     if args.backend == "tensorrt":
         from ..engines.runtime import TRT_SUFFIXES
 
         if out.suffix not in TRT_SUFFIXES:
             raise UserError(f"-o {out}: a TensorRT engine is written as *.plan")
+    elif args.backend == "openvino":
+        from ..engines.openvino import IR_SUFFIXES, require_openvino
+
+        if out.suffix.lower() not in IR_SUFFIXES:
+            raise UserError(f"-o {out}: --backend openvino writes an OpenVINO IR, G.xml with G.bin beside it; name "
+                            "it *.xml")
+        require_openvino()
     elif out.suffix != ".onnx":
         raise UserError(f"-o {out}: --backend onnxruntime writes an optimized ONNX file; name it *.onnx")
 
+    ov_precision = None
     if from_onnx:
         meta = read_onnx_meta(src)
         _check_onnx_source(args, src, meta)
-        if args.precision and args.precision != meta.get("precision"):
+        if args.backend == "openvino":
+            ov_precision = _openvino_precision(args, meta)
+        elif args.precision and args.precision != meta.get("precision"):
             raise UserError(f"--precision {args.precision}: {src} was exported in {meta.get('precision')} and "
                             "TensorRT builds strongly typed networks; re-export the checkpoint with "
-                            f"`fastp2p export --precision {args.precision}`")
+                            f"`fastp2p export --precision {args.precision}"
+                            f"{' --calib DIR' if args.precision == 'int8' else ''}`")
+        if args.backend == "tensorrt" and meta.get("precision") == "int8":
+            from ..engines.tensorrt import check_int8_onnx
+
+            check_int8_onnx(src)  # symmetric Q/DQ only: refused before a trtexec command is printed
         onnx_path = src
         _check_outputs(args, src, onnx_path, out)
     else:
         from ..engines.onnx import export_onnx
 
+        if args.precision == "int8":
+            raise UserError(f"--precision int8: build-engine does not calibrate; make the int8 file with `fastp2p "
+                            f"export {src} -o G.int8.onnx --precision int8 --calib DIR` and build from G.int8.onnx")
         args.mode = args.mode or "paper"
-        precision = args.precision or ("fp16" if args.backend == "tensorrt" else "fp32")
-        if args.backend == "tensorrt":
+        if args.backend == "openvino":  # fp32 weights: the IR computes in --precision (fp32 or bf16) from them
+            ov_precision = _openvino_precision(args, None)
+            precision = "fp32"
+        else:
+            precision = args.precision or ("fp16" if args.backend == "tensorrt" else "fp32")
+        if args.backend in ("tensorrt", "openvino"):
             onnx_path = Path(args.onnx) if args.onnx else out.with_suffix(".onnx")
         else:
             onnx_path = Path(args.onnx) if args.onnx else out.with_name(out.stem.removesuffix(".ort") + ".src.onnx")
@@ -196,6 +369,15 @@ def cmd_build_engine(args) -> int:
         _check_outputs(args, src, onnx_path, out)
         export_onnx(src, onnx_path, **_export_kwargs(args, precision), overwrite=args.overwrite)
         print(f"wrote {onnx_path} ({args.mode} mode, {precision})")
+
+    if args.backend == "openvino":
+        from ..engines.openvino import bin_path, build_ir
+
+        gen = build_ir(onnx_path, out, precision=ov_precision, hint=args.ov_hint or "latency",
+                       overwrite=args.overwrite)
+        print(f"wrote {out} and {bin_path(out).name} (OpenVINO IR, {gen.onnx_meta.get('precision', 'fp32')} "
+              f"weights; compiled {gen.precision}/{gen.hint} in {gen.load_s:.1f} s into the cache {gen.cache_dir})")
+        return 0
 
     if args.backend == "onnxruntime":
         from ..engines.onnxruntime import optimize_onnx
