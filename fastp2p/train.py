@@ -94,6 +94,9 @@ class StepLosses:
 
 
 class Trainer:
+    # What train_step returns: the losses dataclass, one field per term (fastp2p.distill's trainer adds its own).
+    losses_type = StepLosses
+
     def __init__(self, cfg: Config, device: str | torch.device = "cpu", dist: distributed.Dist | None = None):
         self.cfg = cfg
         self.device = torch.device(device)
@@ -198,13 +201,18 @@ class Trainer:
         # D is frozen for the G step: its weight gradients are never computed, only the gradient w.r.t. fake.
         self.D.requires_grad_(False)
         self.opt_G.zero_grad(set_to_none=True)
-        loss_G_GAN, loss_G_L1 = self._g_loss(A, B, fake)
-        self.scaler_G.scale(loss_G_GAN + loss_G_L1).backward()
+        # _g_loss returns (GAN, L1, *extra): pix2pix has no extra terms; a subclass's (fastp2p.distill) are added to
+        # G's loss in order and returned as the further fields of losses_type.
+        loss_G_GAN, loss_G_L1, *extra = self._g_loss(A, B, fake)
+        loss_G = loss_G_GAN + loss_G_L1
+        for term in extra:
+            loss_G = loss_G + term
+        self.scaler_G.scale(loss_G).backward()
         self.scaler_G.step(self.opt_G)
         self.scaler_G.update()
         self.step += 1
         self._last_fake = fake.detach()
-        return StepLosses(loss_D.detach(), loss_G_GAN.detach(), loss_G_L1.detach())
+        return self.losses_type(loss_D.detach(), loss_G_GAN.detach(), loss_G_L1.detach(), *(t.detach() for t in extra))
 
     def release_ddp(self) -> None:
         """Drop the DDP wrappers (``G_run`` / ``D_run`` become the plain modules, uncompiled) before leaving the
@@ -308,10 +316,13 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
     return t.max_steps if t.max_steps is not None else (t.n_epochs + t.n_epochs_decay) * steps_per_epoch
 
 
-def fit(cfg: Config, progress: bool = True, wandb: bool = False) -> dict:
+def fit(cfg: Config, progress: bool = True, wandb: bool = False, *, trainer_factory=None,
+        reporter_factory=None) -> dict:
     """Train per ``cfg`` into ``<out>/<name>/``; returns the run summary. Ctrl-C or SIGTERM saves a checkpoint at the
     current step boundary and returns (``summary["interrupted"]`` names the signal). ``wandb``: also log to a Weights
-    & Biases run (``--wandb``)."""
+    & Biases run (``--wandb``). ``trainer_factory(cfg, device, dist=...)`` / ``reporter_factory(run_dir, cfg, total,
+    ...)``: another trainer or reporter with the same interface (None: ``Trainer`` / ``report.RunReporter``), so a
+    subclass (``fastp2p.distill``) gets this loop's resume, signals, logging, evaluation and snapshots unchanged."""
     from . import data as data_mod
     from .report import RunReporter, check_loggers, trim_metrics
 
@@ -323,7 +334,7 @@ def fit(cfg: Config, progress: bool = True, wandb: bool = False) -> dict:
     # Under torchrun (WORLD_SIZE > 1): join the process group; this rank trains on cuda:LOCAL_RANK or the CPU, on its
     # shard of the data, and rank 0 alone writes files (fastp2p.distributed).
     dctx = distributed.setup(cfg.train.device, cfg.train.dist_timeout)
-    trainer = Trainer(cfg, dctx.device(cfg.train.device), dist=dctx)
+    trainer = (trainer_factory or Trainer)(cfg, dctx.device(cfg.train.device), dist=dctx)
     if dctx.is_main:  # what a killed save left behind never blocks a fresh start or a resume (one warning line)
         checkpoint.clean_leftovers(ckpt)
     if cfg.train.resume:
@@ -381,8 +392,8 @@ def fit(cfg: Config, progress: bool = True, wandb: bool = False) -> dict:
 
     evaluator = TrainEval.from_config(cfg) if dctx.is_main else None
     if dctx.is_main:  # logs the ranks' mean losses and the img/s of all ranks together (and TensorBoard / wandb)
-        reporter = RunReporter(run_dir, cfg, total, progress=progress, start_step=trainer.step,
-                               world_size=dctx.world_size, wandb=wandb)
+        reporter = (reporter_factory or RunReporter)(run_dir, cfg, total, progress=progress, start_step=trainer.step,
+                                                     world_size=dctx.world_size, wandb=wandb)
     else:
         reporter = distributed.NullReporter(dctx.rank, trainer.step)
 

@@ -14,11 +14,12 @@ import sys
 
 from .. import __version__
 from ..errors import UserError
-from . import bench, checkpoints, deploy, evaluate, train, translate
+from . import bench, checkpoints, deploy, distill, evaluate, train, translate
 
 # (group, [(command, one-line example)]): what `fastp2p --help` lists, in this order.
 GROUPS = [
-    ("train", [("train", "fastp2p train --preset facades --data datasets/facades --direction BtoA --amp")]),
+    ("train", [("train", "fastp2p train --preset facades --data datasets/facades --direction BtoA --amp"),
+               ("distill", "fastp2p distill --teacher runs/facades --ngf 16 --data datasets/facades")]),
     ("translate", [("translate", "fastp2p translate photos/ --checkpoint G.safetensors -o out/"),
                    ("pipe", "ffmpeg ... -f rawvideo - | fastp2p pipe --size 640x360 --checkpoint G.safetensors | "
                             "ffmpeg ...")]),
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastp2p {__version__}")
     commands = _Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     train.add_parser(commands)
+    distill.add_parser(commands)
     translate.add_parser(commands)
     translate.add_pipe_parser(commands)
     evaluate.add_parser(commands)
