@@ -16,6 +16,12 @@ def _positive(v: str) -> int:
     return int(v)
 
 
+def _count(v: str) -> int:
+    if not v.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {v!r}")
+    return int(v)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("section", choices=("train", "infer", "data", "kernels", "all"), help="what to measure")
     p.add_argument("--quick", action="store_true", help="fewer repeats, same models (CPU train ladder: 129 s on a "
@@ -29,7 +35,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--large-batch", type=_positive, default=None,
                    help="the ladder's large batch (default: 16 GPU, 4 CPU)")
     p.add_argument("--compile-cpu", action="store_true", help="measure the compile rung on a CPU too (minutes)")
-    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: ngf 8, unet_128 at 128x128
+    p.add_argument("--neighbours", type=_count, default=0, metavar="N",
+                   help="infer: N busy processes (python -c 'while True: pass') beside the timed calls; rows say "
+                   "neighbours: N (default 0)")
+    p.add_argument("--teacher", default=None, metavar="CKPT",
+                   help="infer: a trained generator checkpoint (.safetensors / reference .pth) instead of the random "
+                   "unet_256 ngf 64 teacher; same speed, meaningful max|err| and int8 error (default: random weights)")
+    p.add_argument("--students", default=None, metavar="CKPT,CKPT",
+                   help="infer: comma-separated student checkpoints instead of the random ngf 32 and ngf 16 "
+                   "students (default: random weights)")
+    # tests only: train ngf 8 unet_128 at 128x128; infer unet_256 at ngf 8/4/2 (it needs 256x256 inputs)
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
@@ -61,7 +77,23 @@ def run(args) -> int:
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    plan = ladder.Plan.make(device, args.quick, args.tiny, args.large_batch, args.compile_cpu)
+    from pathlib import Path
+
+    infer_only = [f for f, v in (("--neighbours", getattr(args, "neighbours", 0)), ("--teacher", getattr(
+        args, "teacher", None)), ("--students", getattr(args, "students", None))) if v]
+    if infer_only and args.section not in ("infer", "all"):
+        print(f"fastp2p bench: {', '.join(infer_only)} apply to `fastp2p bench infer` (or all), not {args.section}",
+              file=sys.stderr)
+        return 2
+    students = tuple(s for s in (getattr(args, "students", None) or "").split(",") if s)
+    for flag, path in [("--teacher", getattr(args, "teacher", None))] + [("--students", s) for s in students]:
+        if path and not Path(path).is_file():
+            print(f"fastp2p bench: {flag} {path}: no such checkpoint file; give a fastp2p .safetensors (or a "
+                  "reference .pth)", file=sys.stderr)
+            return 2
+    plan = ladder.Plan.make(device, args.quick, args.tiny, args.large_batch, args.compile_cpu,
+                            neighbours=getattr(args, "neighbours", 0), teacher=getattr(args, "teacher", None),
+                            students=students)
     result = ladder.run_bench(args.section, plan, log)
     result["config"]["argv"] = sys.argv[1:]
     if args.json:
@@ -77,7 +109,10 @@ def run(args) -> int:
         else:
             log("--plot: no train ladder in this run; no plot written")
     sys.stdout.flush()
-    harness.print_table(result)
+    other = [r for r in result["rows"] if r["section"] != "infer"]
+    if other or not any(r["section"] == "infer" for r in result["rows"]):
+        harness.print_table({**result, "rows": other})
+    ladder.print_infer_table(result)  # its own columns (model, precision, params, GFLOP, p50/p99): printed last
     return 0
 
 

@@ -61,14 +61,19 @@ def environment() -> dict:
 
 @dataclass
 class Rung:
-    backend: str
+    backend: str  # the rung's id within its batch size ("torch-eager", "unet_256-ngf16:openvino-int8")
     batch: int
     fn: object = None  # callable() -> None, one timed call
     sync: bool = False
     setup_s: float = 0.0
     skipped: str | None = None
-    max_abs_err: float | None = None
+    max_abs_err: float | None = None  # vs the same model's eager fp32 output on the same input
     times: list = field(default_factory=list)
+    model: str = ""  # "unet_256-ngf64"
+    runtime: str = ""  # what runs it: torch-eager, fastp2p, onnxruntime, openvino, tensorrt, torch-compile
+    precision: str = "fp32"
+    note: str = ""  # how it was built (inductor, OpenVINO hint, calibration set)
+    reps: int = 1  # back-to-back calls per round (run_rounds): cheap rungs get about the baseline's wall time
 
 
 def _pct(xs: list, q: float) -> float:
@@ -77,61 +82,78 @@ def _pct(xs: list, q: float) -> float:
     return xs[k]
 
 
-def build_rungs(args, work: Path) -> list[Rung]:
+def build_rungs(args, work: Path, G=None, *, cfg=None, model: str = "", prefix: str = "", inputs: dict | None = None,
+                direction: str | None = None, files: dict | None = None) -> list[Rung]:
+    """Rungs of every backend for generator ``G`` (default: unet_256 ngf 64, seeded random weights) at each batch of
+    ``args.batch``: ``torch-eager`` (the baseline), ONNX Runtime fp32, TensorRT where present. ``cfg``: G's checkpoint
+    config (its preprocessing goes into the export); ``model``: the rows' model label; ``prefix``: put before every
+    rung id (students: ``"unet_256-ngf16:"``); ``inputs``: batch size -> the input tensor every rung of that batch
+    takes (default: seeded uniform [-1, 1]); ``files``: receives ``{"onnx": path}`` of the fp32 export."""
     from fastp2p.engines.onnx import export_onnx, source_from_generator
     from fastp2p.engines.runtime import OnnxRuntimeGenerator, TensorRTGenerator, TorchGenerator, _flat_meta
 
-    torch.manual_seed(0)
-    G = build_generator("unet_256")
-    src = source_from_generator(G, None, crop_size=args.size)
+    if G is None:
+        torch.manual_seed(0)
+        G = build_generator("unet_256")
+    src = source_from_generator(G, cfg, crop_size=args.size, direction=direction)
     meta = _flat_meta(backend="torch", mode=args.mode, dropout=False, precision="fp32",
                       preprocessing=src.preprocessing, arch=src.arch, dynamic_hw=True)
     eager = TorchGenerator(copy.deepcopy(G), meta=dict(meta))
-    engines: dict[str, tuple[object, float]] = {"torch-eager": (eager, 0.0)}
+    # name -> (engine or the reason it is skipped, setup s, runtime, precision)
+    engines: dict[str, tuple[object, float, str, str]] = {"torch-eager": (eager, 0.0, "torch-eager", "fp32")}
 
     if args.compile:
         compiled = TorchGenerator(copy.deepcopy(G), meta=dict(meta), compile=True)
-        engines["torch-compile"] = (compiled, 0.0)  # compile time: measured at the first call per batch size
+        # compile time: measured at the first call per batch size
+        engines["torch-compile"] = (compiled, 0.0, "torch-compile", "fp32")
 
     t0 = time.perf_counter()
+    stem = prefix.rstrip(":").replace(":", "_") or "G"
     try:
-        onnx_path = export_onnx(src, work / "G.onnx", mode=args.mode, dropout=False)
+        onnx_path = export_onnx(src, work / f"{stem}.onnx", mode=args.mode, dropout=False)
+        if files is not None:
+            files["onnx"] = onnx_path
         export_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        engines["onnxruntime"] = (OnnxRuntimeGenerator(onnx_path, device=device), export_s + time.perf_counter() - t0)
+        engines["onnxruntime"] = (OnnxRuntimeGenerator(onnx_path, device=device), export_s + time.perf_counter() - t0,
+                                  "onnxruntime", "fp32")
         if device == "cpu" and args.spin:
-            engines["onnxruntime-spin"] = (OnnxRuntimeGenerator(onnx_path, spin=True), 0.0)
+            engines["onnxruntime-spin"] = (OnnxRuntimeGenerator(onnx_path, spin=True), 0.0, "onnxruntime", "fp32")
     except Exception as e:  # a missing optional dependency must not stop the other rungs
-        engines["onnxruntime"] = (f"{type(e).__name__}: {e}", 0.0)
+        engines["onnxruntime"] = (f"{type(e).__name__}: {e}", 0.0, "onnxruntime", "fp32")
 
     if torch.cuda.is_available():
         cuda_meta = dict(meta)
         cuda_eager = TorchGenerator(copy.deepcopy(G), meta=cuda_meta, device="cuda")
-        engines["torch-eager-cuda"] = (cuda_eager, 0.0)
+        engines["torch-eager-cuda"] = (cuda_eager, 0.0, "torch-eager", "fp32")
         from fastp2p.engines import tensorrt as engine_trt
 
         ok, why = engine_trt.tensorrt_available()
         for precision in ("fp16", "fp32"):
             name = f"tensorrt-{precision}"
             if not ok:
-                engines[name] = (why, 0.0)
+                engines[name] = (why, 0.0, "tensorrt", precision)
                 continue
             t0 = time.perf_counter()
-            p = export_onnx(src, work / f"G_{precision}.onnx", mode=args.mode, precision=precision)
-            plan = engine_trt.build_engine(p, work / f"G_{precision}.plan", batch=(1, 8, max(args.batch)),
+            p = export_onnx(src, work / f"{stem}_{precision}.onnx", mode=args.mode, precision=precision)
+            plan = engine_trt.build_engine(p, work / f"{stem}_{precision}.plan", batch=(1, 8, max(args.batch)),
                                            timing_cache=work / "timing.cache")
-            engines[name] = (TensorRTGenerator(plan, cuda_graph=True), time.perf_counter() - t0)
-    else:
-        engines["tensorrt"] = ("no CUDA GPU here", 0.0)
+            engines[name] = (TensorRTGenerator(plan, cuda_graph=True), time.perf_counter() - t0, "tensorrt",
+                             precision)
+    elif not prefix:  # one row says it for every model
+        engines["tensorrt"] = ("no CUDA GPU here", 0.0, "tensorrt", "-")  # fp16 and fp32 rungs
 
     rungs = []
     for bs in args.batch:
-        x = torch.rand(bs, 3, args.size, args.size, generator=torch.Generator().manual_seed(bs)) * 2 - 1
+        x = (inputs or {}).get(bs)
+        if x is None:
+            x = torch.rand(bs, 3, args.size, args.size, generator=torch.Generator().manual_seed(bs)) * 2 - 1
         ref = None
-        for name, (engine, setup_s) in engines.items():
+        for name, (engine, setup_s, runtime, precision) in engines.items():
+            info = {"model": model, "runtime": runtime, "precision": precision}
             if isinstance(engine, str):
-                rungs.append(Rung(name, bs, skipped=engine))
+                rungs.append(Rung(prefix + name, bs, skipped=engine, **info))
                 continue
             xd = x.to(engine.device)
             sync = engine.device.type == "cuda"
@@ -146,8 +168,8 @@ def build_rungs(args, work: Path) -> list[Rung]:
             first_s = time.perf_counter() - t0
             if ref is None:
                 ref = y
-            r = Rung(name, bs, call, sync, setup_s=setup_s + (first_s if name == "torch-compile" else 0.0),
-                     max_abs_err=(y - ref).abs().max().item())
+            r = Rung(prefix + name, bs, call, sync, setup_s=setup_s + (first_s if name == "torch-compile" else 0.0),
+                     max_abs_err=(y - ref).abs().max().item(), **info)
             for _ in range(args.warmup):
                 call()
             rungs.append(r)
@@ -155,30 +177,38 @@ def build_rungs(args, work: Path) -> list[Rung]:
 
 
 def run_rounds(rungs: list[Rung], rounds: int, per_round: dict) -> None:
-    """Call by call interleaving: for each batch size, ``rounds * per_round`` rounds of one call per rung, so a burst of
-    load from elsewhere on the machine hits every rung alike."""
+    """Call by call interleaving: for each batch size, ``rounds * per_round`` rounds of ``r.reps`` back-to-back calls
+    per rung (1 unless set: a rung many times cheaper than the baseline gets about the baseline's wall time per round
+    instead of one call), so a burst of load from elsewhere on the machine hits every rung alike."""
     for bs in sorted(per_round):
         live = [r for r in rungs if r.batch == bs and not r.skipped]
         for _ in range(rounds * per_round[bs]):
             for r in live:
-                t = time.perf_counter()
-                r.fn()
-                r.times.append(time.perf_counter() - t)
+                for _ in range(r.reps):
+                    t = time.perf_counter()
+                    r.fn()
+                    r.times.append(time.perf_counter() - t)
 
 
 def summarize(rungs: list[Rung]) -> list[dict]:
+    """One row per rung; ``speedup`` is against ``torch-eager`` (the teacher's eager fp32, no prefix) at the same
+    batch, ``torch-eager-cuda`` for GPU rungs; ``speedup_own_eager`` against the rung's own model's eager rung."""
     base = {r.batch: r for r in rungs if r.backend == "torch-eager" and not r.skipped}
     base_cuda = {r.batch: r for r in rungs if r.backend == "torch-eager-cuda" and not r.skipped}
+    own = {(r.model, r.batch): r for r in rungs if r.backend.endswith("torch-eager") and not r.skipped}
     rows = []
     for r in rungs:
-        row = {"backend": r.backend, "batch": r.batch, "skipped": r.skipped}
+        row = {"backend": r.backend, "batch": r.batch, "skipped": r.skipped, "model": r.model, "runtime": r.runtime,
+               "precision": r.precision, "note": r.note}
         if not r.skipped:
             p50 = statistics.median(r.times)
             b = (base_cuda if r.backend.startswith("tensorrt") or r.backend.endswith("cuda") else base).get(r.batch)
             b50 = statistics.median(b.times) if b else None
+            o = own.get((r.model, r.batch))
+            o50 = statistics.median(o.times) if o and o.times and not r.backend.endswith("cuda") else None
             row.update(p50_ms=p50 * 1e3, p99_ms=_pct(r.times, 99) * 1e3, img_per_s=r.batch / p50,
-                       speedup=(b50 / p50) if b50 else None, calls=len(r.times), setup_s=r.setup_s,
-                       max_abs_err=r.max_abs_err, times_s=r.times)
+                       speedup=(b50 / p50) if b50 else None, speedup_own_eager=(o50 / p50) if o50 else None,
+                       calls=len(r.times), reps=r.reps, setup_s=r.setup_s, max_abs_err=r.max_abs_err, times_s=r.times)
         rows.append(row)
     return rows
 
@@ -203,6 +233,69 @@ def targets(rows: list[dict]) -> list[str]:
     if t32 and t32["speedup"]:
         lines.append(f"tensorrt-fp16: batch-32 throughput {t32['speedup']:.2f}x torch-eager-cuda (target >= 3x): "
                      f"{'met' if t32['speedup'] >= 3 else 'NOT met'}")
+    return lines + deploy_targets(rows)
+
+
+OTHER_RUNTIMES = ("onnxruntime", "openvino")  # the runtimes fastp2p's own torch paths are held against
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def deploy_targets(rows: list[dict]) -> list[str]:
+    """The deployment issue's targets (issue 16), from rows carrying ``model``/``runtime``/``precision``: the best
+    fastp2p torch path of the teacher vs the best of ONNX Runtime and OpenVINO per precision at batch 1 and 8; INT8
+    teacher >= 5x at batch 1 and >= 5.5x at batch 8; the smallest student in its fastest precision >= 30x and
+    >= 250 img/s at batch 1. Ratios are against the teacher's eager fp32 at the same batch, in the same run."""
+    live = [r for r in rows if not r["skipped"] and r.get("runtime") and r.get("speedup")]
+    base = next((r for r in rows if r["backend"] == "torch-eager" and r.get("model")), None)
+    if base is None or not any(r["runtime"] in OTHER_RUNTIMES + ("fastp2p",) for r in live):
+        return []
+    teacher = base["model"]
+    students = sorted({r["model"] for r in rows if r.get("model") and r["model"] != teacher},
+                      key=lambda m: min((r.get("params") or 0) for r in rows if r.get("model") == m))
+    weights = {r.get("weights") for r in rows if r.get("model")}
+    why = "random weights" if "random" in weights else "checkpoint weights"
+    nb = max((r.get("neighbours") or 0) for r in rows)
+    lines = [f"targets (issue 16; {why}; {nb} busy neighbour(s); its ratios are for a quiet machine):"]
+
+    def best(model, bs, pred):
+        rs = [r for r in live if r["model"] == model and r["batch"] == bs and pred(r)]
+        return min(rs, key=lambda r: r["p50_ms"]) if rs else None
+
+    def name(r):
+        return r["backend"].split(":")[-1]
+
+    for bs in sorted({r["batch"] for r in live if r["model"] == teacher and r["batch"] <= 8}):
+        for prec in ("fp32", "bf16", "int8", "any"):
+            def ours(r, prec=prec):
+                return r["runtime"] == "fastp2p" and (prec in ("any", "int8") or r["precision"] == prec)
+
+            def theirs(r, prec=prec):
+                return r["runtime"] in OTHER_RUNTIMES and (prec == "any" or r["precision"] == prec)
+
+            f, o = best(teacher, bs, ours), best(teacher, bs, theirs)
+            if not f or not o:
+                continue
+            ratio = o["p50_ms"] / f["p50_ms"]
+            what = "*" if prec == "int8" else ""
+            lines.append(f"  {teacher} b{bs} {prec}{what}: {name(f)} {f['p50_ms']:.1f} ms vs {name(o)} "
+                         f"{o['p50_ms']:.1f} ms: {ratio:.2f}x (>= 1): {_met(ratio >= 1)}")
+    if any("int8*" in line for line in lines):
+        lines.append("  * fastp2p has no int8 torch path: its fastest rung of any precision against the best int8")
+    for bs, goal in ((1, 5.0), (8, 5.5)):
+        r = best(teacher, bs, lambda r: r["precision"] == "int8")
+        if r:
+            lines.append(f"  INT8 {teacher} b{bs}: {name(r)} {r['speedup']:.2f}x eager fp32 (>= {goal}x): "
+                         f"{_met(r['speedup'] >= goal)}")
+    if students:
+        small = students[0]
+        r = best(small, 1, lambda r: True)
+        if r:
+            lines.append(f"  student {small} b1, fastest ({name(r)}): {r['speedup']:.1f}x (>= 30x): "
+                         f"{_met(r['speedup'] >= 30)}; {r['img_per_s']:.0f} img/s (>= 250): "
+                         f"{_met(r['img_per_s'] >= 250)}")
     return lines
 
 

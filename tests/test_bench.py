@@ -90,3 +90,96 @@ def test_subcommand_wiring():
     cli.add_bench_subcommand(sub)
     args = p.parse_args(["bench", "all", "--quick", "--device", "cpu", "--json", "x.json", "--plot", "x.png"])
     assert args.func is cli.run and args.section == "all" and args.quick and args.json == "x.json"
+
+
+# -- infer: deployment rungs (issue 16) ------------------------------------------------------------------------------
+DEPLOY = {("torch-eager", "fp32"), ("fastp2p", "fp32"), ("fastp2p", "bf16"), ("onnxruntime", "fp32"),
+          ("onnxruntime", "int8"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")}
+
+
+def test_infer_models_random_weights():
+    plan = ladder.Plan.make("cpu", quick=True, tiny=True)
+    models = ladder.infer_models(plan, log=lambda m: None)
+    assert [m.name for m in models] == [f"unet_256-ngf{n}" for n in ladder.TINY_NGF]
+    assert all(m.weights == "random" and m.cfg is None for m in models)
+    assert models[0].params > models[1].params > models[2].params > 0
+    # halving ngf divides the inner convs' FLOPs by 4 and the first/last (3-channel) ones by 2
+    for big, small in zip(models, models[1:], strict=False):
+        assert 2 < big.gflop_per_image / small.gflop_per_image <= 4
+
+
+def test_busy_neighbours_are_stopped():
+    with ladder.busy_neighbours(2) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    assert all(p.poll() is not None for p in procs)
+
+
+def test_infer_only_flags_are_refused_elsewhere(capsys, tmp_path):
+    assert cli.main(["train", "--tiny", "--neighbours", "1"]) == 2
+    assert "--neighbours" in capsys.readouterr().err
+    assert cli.main(["infer", "--tiny", "--teacher", str(tmp_path / "missing.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "--teacher" in err and "missing.safetensors" in err
+
+
+def test_infer_deployment_rungs(tmp_path):
+    """The whole infer section at --tiny, in its own process (OpenVINO once crashed a shared pytest process), with
+    checkpoints for the teacher and one student and one busy neighbour; asserts on its JSON and its table."""
+    import subprocess
+    import sys
+
+    from fastp2p.checkpoint import save
+    from fastp2p.config import Config, DataConfig, ModelConfig
+    from fastp2p.models import build_generator
+
+    ckpts = {}
+    for role, ngf in (("teacher", 8), ("student", 2)):
+        cfg = Config(ModelConfig(netG="unet_256", ngf=ngf), DataConfig(direction="BtoA"))
+        ckpts[role] = save(tmp_path / f"{role}.safetensors", cfg=cfg, G=build_generator("unet_256", 3, 3, ngf))
+    out = tmp_path / "infer.json"
+    p = subprocess.run([sys.executable, "-m", "fastp2p.bench.cli", "infer", "--tiny", "--neighbours", "1",
+                        "--teacher", str(ckpts["teacher"]), "--students", str(ckpts["student"]), "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    rows = [r for r in res["rows"] if r["section"] == "infer"]
+    _check_speedups(rows)
+    teacher, student = "unet_256-ngf8", "unet_256-ngf2"
+    cfg = res["config"]["infer"]
+    assert [m["name"] for m in cfg["models"]] == [teacher, student] and cfg["neighbours"] == 1
+    try:
+        import openvino  # noqa: F401
+        have_ov = True
+    except ImportError:
+        have_ov = False
+    for bs in (1, 2):
+        group = [r for r in rows if r["batch"] == bs]
+        assert all(r["neighbours"] == 1 for r in group)
+        assert all(r["baseline"] == f"infer:b{bs}:torch-eager" for r in group if r["runtime"] != "tensorrt")
+        for model, ngf in ((teacher, 8), (student, 2)):
+            mine = {(r["runtime"], r["precision"]): r for r in group if r["model"] == model}
+            assert DEPLOY <= mine.keys(), DEPLOY - mine.keys()
+            for r in mine.values():
+                assert r["weights"] == str(ckpts["teacher" if ngf == 8 else "student"])
+                assert r["params"] > 0 and r["gflop_per_image"] > 0
+            assert mine[("fastp2p", "bf16")]["skipped"]  # --tiny compiles nothing
+            assert mine[("torch-eager", "fp32")]["max_abs_err"] == 0
+            for key in (("fastp2p", "fp32"), ("onnxruntime", "fp32")) + ((("openvino", "fp32"),) if have_ov else ()):
+                assert not mine[key]["skipped"] and mine[key]["max_abs_err"] < 1e-4, mine[key]  # fp32 reorderings
+            int8 = [mine[("onnxruntime", "int8")]] + ([mine[("openvino", "int8")]] if have_ov else [])
+            for r in int8:  # lossy, but within a few int8 steps of an output in [-1, 1]
+                assert not r["skipped"], r
+                assert 0 < r["max_abs_err"] < 0.05 and "calibrated on" in r["note"]
+            if have_ov and bs == 2:  # both OpenVINO hints measured at the larger batch, the faster kept
+                ov = mine[("openvino", "int8")]["note"]
+                assert ov.startswith(("hint latency (", "hint throughput (")) and "vs throughput" in ov
+        t, s = (next(r for r in group if r["model"] == m) for m in (teacher, student))
+        assert s["params"] < t["params"] and s["gflop_per_image"] < t["gflop_per_image"]
+    assert any(t.startswith("targets (issue 16; checkpoint weights; 1 busy neighbour(s)") for t in cfg["targets"])
+    assert any(t.startswith(f"  student {student} b1, fastest") for t in cfg["targets"])
+    # the table is printed last, grouped by batch, each line within 120 columns
+    lines = p.stdout.rstrip().splitlines()
+    assert lines[-1] == cfg["targets"][-1]
+    assert "batch 1 (neighbours: 1)" in lines and "batch 2 (neighbours: 1)" in lines
+    table = lines[lines.index("batch 1 (neighbours: 1)"):]
+    assert all(len(line) <= 120 for line in table if not line.startswith("  "))
