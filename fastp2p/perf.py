@@ -699,7 +699,7 @@ def optimize_for_inference(G: nn.Module, example_shape, method: str = "auto", mo
     sgemm peak) once weights are prepacked, so ~60 ms/image is the fp32 limit here.
 
     ``precision="bf16"`` (opt-in, CPUs with native bf16 only): inductor under bf16 autocast, fp32 output; default
-    ``atol`` 1e-2 (a uint8 level is 7.8e-3). Measured batch 1, eval: eager fp32 94 ms, packed fp32 64 ms, inductor
+    ``atol`` 2.5e-2 (a uint8 level is 7.8e-3). Measured batch 1, eval: eager fp32 94 ms, packed fp32 64 ms, inductor
     bf16 33 ms (2.9x), max abs err 4e-4 on a freshly initialized G."""
     from .inference import with_mode
 
@@ -708,7 +708,9 @@ def optimize_for_inference(G: nn.Module, example_shape, method: str = "auto", mo
         raise ValueError(f"unknown precision {precision!r}; choose fp32 or bf16")
     autocast = torch.bfloat16 if precision == "bf16" else None
     if atol is None:
-        atol = 1e-2 if autocast else 1e-4
+        # bf16: 8 mantissa bits; through the 16 layers of a trained unet_256 (facades, 1600 steps) the outputs drifted
+        # up to 1.43e-2 from fp32 at batch 8 (under 2 uint8 levels), so 1e-2 refused a good build; 2.5e-2 is ~3 levels.
+        atol = 2.5e-2 if autocast else 1e-4
     if autocast is not None:
         if method not in ("auto", "inductor"):
             raise ValueError(f"precision='bf16' runs through method='inductor', not {method!r}")

@@ -282,8 +282,8 @@ def test_optimize_for_inference_bf16():
         err = (y - G(x)).abs().max().item()
     # Whatever does the bf16 math (avx512_bf16 or AMX): each conv rounds its inputs and weights to bf16 (u = 2^-8) and
     # accumulates in float32, ~2u/sqrt(3) = 4.5e-3 relative per layer as a random walk, sqrt(14) x that = 1.7e-2 over
-    # the network, on outputs |y| < 0.03 here: ~5e-4, 4 sigma 2e-3. 1e-2 (optimize_for_inference's own bf16 check) is
-    # also below one uint8 level (7.8e-3).
+    # the network, on outputs |y| < 0.03 here: ~5e-4, 4 sigma 2e-3, so 1e-2 leaves room; optimize_for_inference's own
+    # check (2.5e-2) is for trained weights, whose larger outputs drift more.
     assert y.dtype == torch.float32 and err <= 1e-2
     assert err > 0  # it really ran in bf16
 

@@ -268,7 +268,7 @@ def work(tmp_path_factory) -> Path:
 def _export(w: Path) -> Path:
     """The README's export command (once per folder)."""
     if not (w / "G.onnx").is_file():
-        ok(substituted(readme_command("fastp2p export ")), w)
+        ok(substituted(readme_command("fastp2p export runs/facades/checkpoints/latest.safetensors -o G.onnx ")), w)
     return w / "G.onnx"
 
 
