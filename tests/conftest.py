@@ -63,3 +63,22 @@ def write_smooth_pairs(folder: Path, n: int = 3, size: int = 128) -> Path:
         b = np.clip(a.astype(int) + 40, 0, 255).astype(np.uint8)
         Image.fromarray(np.concatenate([a, b], axis=1)).save(folder / f"p{i}.png")
     return folder
+
+
+def trained_like(g, seed: int = 0, *, mean_std: float = 0.3, var_lo: float = 0.25, var_span: float = 1.5,
+                 affine: bool = True):
+    """Batch-norm layers of ``g`` as after training: running mean ~ N(0, mean_std), running var in [var_lo,
+    var_lo + var_span), and (``affine``) weight ~ 1 + N(0, 0.2), bias ~ N(0, 0.1), so eval mode (folded statistics)
+    and paper mode differ and the outputs vary. In place; returns ``g``."""
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in g.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * mean_std)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) * var_span + var_lo)
+                if affine:
+                    m.weight.copy_(1 + 0.2 * torch.randn(m.num_features, generator=gen))
+                    m.bias.copy_(0.1 * torch.randn(m.num_features, generator=gen))
+    return g

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import trained_like
 from PIL import Image
 from torch import nn
 
@@ -52,13 +53,8 @@ def work(tmp_path_factory) -> Path:
 def G() -> nn.Module:
     torch.manual_seed(3)
     g = build_generator("unet_128", 3, 3, 4, "batch", True)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # non-trivial running statistics, so the folded eval-mode convs are really tested
-        for m in g.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) * 1.5 + 0.25)
-    return g
+    # non-trivial running statistics, so the folded eval-mode convs are really tested
+    return trained_like(g, 0, affine=False)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import trained_like
 from torch import nn
 
 from fastp2p import __version__
@@ -40,15 +41,7 @@ FP32_TOL = 1e-4
 
 def _trained_like(g: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial running statistics and affines, so eval and paper modes differ and folding is really tested."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in g.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) * 1.5 + 0.25)
-                m.weight.copy_(1 + 0.2 * torch.randn(m.num_features, generator=gen))
-                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=gen))
-    return g
+    return trained_like(g, seed)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import trained_like
 from PIL import Image
 from torch import nn
 
@@ -47,15 +48,7 @@ MIN_PSNR = 30.0
 def _weights_like_trained(g: nn.Module, seed: int = 0) -> nn.Module:
     """Weights of unit gain (default init, not pix2pix's N(0, 0.02), whose untrained output is nearly constant) and
     non-trivial batch-norm statistics and affines, so the outputs vary and quantization error shows."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in g.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) * 0.5 + 0.1)
-                m.weight.copy_(1 + 0.2 * torch.randn(m.num_features, generator=gen))
-                m.bias.copy_(0.1 * torch.randn(m.num_features, generator=gen))
-    return g
+    return trained_like(g, seed, mean_std=0.1, var_lo=0.1, var_span=0.5)
 
 
 def _smooth_image(rng: np.random.Generator, h: int, w: int) -> Image.Image:
