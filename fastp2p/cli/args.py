@@ -5,6 +5,7 @@ on the command line. The one public place for them: subcommand modules import fr
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from ..config import ModelConfig
@@ -222,3 +223,23 @@ def add_gate_flags(p: argparse.ArgumentParser, what: str, default_min_psnr: floa
     p.add_argument("--force", action="store_true",
                    help="keep a result below --min_psnr (one warning line, exit 0); without it: exit 2")
     p.add_argument("--no_gate", action="store_true", help="skip the quality gate (default: gate when data exists)")
+
+
+def gate_data_from(args, teacher) -> Path | None:
+    """The folder the quality gate scores on: ``--gate_data``, else the val split beside ``teacher``'s training
+    data (``fastp2p.gate.default_gate_data``); None: no gate (``--no_gate``, or no such split: one warning line).
+    Called before the lossy step, so a bad --gate_data or --min_psnr fails before the work."""
+    from .. import gate
+
+    gate.check_min_psnr(args.min_psnr)
+    if args.no_gate:
+        return None
+    if args.gate_data is not None:
+        from ..scoring import resolve_split
+
+        return resolve_split(args.gate_data, "--gate_data")
+    found = gate.default_gate_data(teacher)
+    if found is None:
+        logging.getLogger("fastp2p").warning("no quality gate: %s records no training data with a val split beside "
+                                             "it; pass --gate_data DIR (or --no_gate)", teacher)
+    return found

@@ -13,16 +13,22 @@ Each subcommand sets ``func`` (``args -> exit status``); failures raise ``UserEr
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
 
 from ..errors import UserError
 from . import official
-from .args import add_arch, add_gate_flags, add_overwrite, arch_from, check_arch_flags, check_crop_size, positive
-
-log = logging.getLogger("fastp2p")
+from .args import (
+    add_arch,
+    add_gate_flags,
+    add_overwrite,
+    arch_from,
+    check_arch_flags,
+    check_crop_size,
+    gate_data_from,
+    positive,
+)
 
 
 def _add_export_flags(p: argparse.ArgumentParser, *, precision_default: str | None,
@@ -218,7 +224,7 @@ def cmd_export(args) -> int:
     if out.suffix != ".onnx":
         raise UserError(f"-o {out}: an ONNX export must be named *.onnx")
     check_onnx_output(out, inputs=[args.src], overwrite=args.overwrite)
-    gate_data = _gate_data(args)  # a bad --gate_data fails before the export, not after it
+    gate_data = gate_data_from(args, args.src)  # a bad --gate_data fails before the export, not after it
     with tempfile.TemporaryDirectory(prefix="fastp2p-int8-", dir=out.parent if out.parent.is_dir() else None) as work:
         fp32 = export_onnx(args.src, Path(work) / "fp32.onnx", **_export_kwargs(args, "fp32"))
         calib = q.calibration_batches(args.calib, read_onnx_meta(fp32), n_images)
@@ -246,25 +252,6 @@ def cmd_export(args) -> int:
           f"{len(calib)} image(s) of {calib.folder}, {method}{', dynamic H,W' if args.dynamic else ''}"
           f"{'' if gate_data is None else ', gate ' + ('passed' if result['passed'] else 'FORCED')})")
     return 0
-
-
-def _gate_data(args) -> Path | None:
-    """--gate_data, or the val split beside the checkpoint's training data; None: no gate (--no_gate, or no split:
-    one warning line)."""
-    from .. import gate
-
-    gate.check_min_psnr(args.min_psnr)
-    if args.no_gate:
-        return None
-    if args.gate_data is not None:
-        from ..scoring import resolve_split
-
-        return resolve_split(args.gate_data, "--gate_data")
-    found = gate.default_gate_data(args.src)
-    if found is None:
-        log.warning("no quality gate: %s records no training data with a val split beside it; pass --gate_data DIR "
-                    "(or --no_gate)", args.src)
-    return found
 
 
 def _openvino_precision(args, meta: dict | None) -> str:

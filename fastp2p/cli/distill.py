@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 from ..config import DistillConfig
 from ..errors import UserError
-from .args import PREPROCESS, add_gate_flags, bounded_float, positive
-
-log = logging.getLogger("fastp2p")
+from .args import PREPROCESS, add_gate_flags, bounded_float, gate_data_from, positive
 
 # train's flags that mean the same here (by option string, so train.py-style aliases such as --niter stay out).
 TRAIN_FLAGS = ("--out", "--device", "--amp", "--compile", "--compile_mode", "--channels_last", "--kernels",
@@ -109,23 +106,6 @@ def _resume_base(args):
     return cfg
 
 
-def _gate_data(args, cfg) -> Path | None:
-    """--gate_data, or the val split beside the teacher's training data; None: no gate (--no_gate, or no split)."""
-    from .. import gate
-
-    gate.check_min_psnr(args.min_psnr)
-    if args.no_gate:
-        return None
-    if args.gate_data is not None:
-        from ..scoring import resolve_split
-
-        return resolve_split(args.gate_data, "--gate_data")
-    found = gate.default_gate_data(cfg.distill.teacher)
-    if found is None:
-        log.warning("no quality gate: the teacher's training data has no val split beside it; pass --gate_data DIR")
-    return found
-
-
 def cmd_distill(args) -> int:
     import dataclasses
 
@@ -155,7 +135,7 @@ def cmd_distill(args) -> int:
         raise UserError(f"--crop_size {cfg.data.crop_size} is larger than --load_size {cfg.data.load_size}")
     _check_train_config(cfg)
     _check_run_folder(cfg)
-    gate_data = _gate_data(args, cfg)  # checked before hours of training, not after
+    gate_data = gate_data_from(args, cfg.distill.teacher)  # checked before hours of training, not after
     summary = distill.distill(cfg, progress=not args.no_progress, wandb=args.wandb)
     code = 128 + SIGNAL_NUMBERS.get(summary.get("interrupted"), 2) if summary.get("interrupted") else 0
     gate_error = None
