@@ -7,7 +7,8 @@ each streaming one JSON line per finished measurement, so a run that is killed a
 Steps, in priority order (``PLAN``): environment + versions + API and import checks; compiled Triton kernels vs an fp64
 reference at the real norm sites (N=16, bf16 and fp32, channels-last, poisoned outputs); kernel timings vs cuDNN batch
 norm + LeakyReLU; the eager train step at batch 1 / 16 / 64 (``--kernels torch|triton``, AMP, channels-last); the
-CUDA-graph step; ``--compile`` at batch 16; inference; loaders; ``pytest -m gpu``; ``--compile`` with the Triton ops.
+CUDA-graph step; ``--compile`` at batch 16; inference; loaders; the fused U-Net skip path at batch 16 (relu_cat, norm
+slice writes); ``pytest -m gpu``; ``--compile`` with the Triton ops.
 
 Budget: before a step starts its estimate is compared with the budget left; a step that does not fit is recorded as
 skipped (with the numbers) instead of started, and the plan goes on with the next one (a cheaper one may still fit).
@@ -80,6 +81,7 @@ PLAN: list[Step] = [
          env=(("TORCH_LOGS", "recompiles,graph_breaks"),), args={"kernels": "torch"}),
     Step("infer", "generator inference, eval mode", 40, 120, 10, 60),
     Step("loaders", "loaders into the trainer's device", 45, 120, 8, 60),
+    Step("train_skips", "eager train step, batch 16, fused U-Net skips (relu_cat, norm writes)", 35, 120, 10, 60),
     Step("pytest_gpu", "pytest -m gpu", 120, 240, 20, 120, args={"target": ["tests"], "marker": "gpu",
                                                                   "dry_target": ["tests/test_gpu.py"]}),
     Step("compile_b16_triton", "--compile --kernels triton, batch 16", 150, 300, 40, 120,
@@ -839,6 +841,27 @@ def step_train(ctx: Ctx) -> None:
                 os.environ.pop("FASTP2P_NORM_ACT_IMPL", None)
 
 
+def step_train_skips(ctx: Ctx) -> None:
+    """The U-Net skip path (kernels/unet_skip.py) at batch 16, to set beside train_b16's plain rows: relu_cat
+    (``FASTP2P_FUSED_SKIPS=1``) and the up norms writing their slice of the join buffer (``=norm``, Triton only)."""
+    _need_gpu(ctx)
+    batch = DRY_BATCH[16] if ctx.dry else 16
+    from fastp2p.kernels import norm_act as na
+
+    for mode, kernels in (("1", "torch"), ("1", "triton"), ("norm", "triton")):
+        label = f"b{batch} --kernels {kernels} --amp channels-last FASTP2P_FUSED_SKIPS={mode}"
+        if kernels == "triton" and (ctx.dry or not na.triton_usable(ctx.device)):
+            why = "dry run (Triton interpreter; train_b1 runs it)" if ctx.dry else "Triton not usable here"
+            ctx.rec.row("train", label, f"skipped: {why}", skipped=why, batch=batch)
+            continue
+        os.environ["FASTP2P_FUSED_SKIPS"] = mode
+        try:
+            _measure_train(ctx, label, batch, *((1, 0) if ctx.dry else (20, 5)), kernels=kernels, amp=True,
+                           channels_last=True)
+        finally:
+            os.environ.pop("FASTP2P_FUSED_SKIPS", None)
+
+
 def _has_cuda_graphs() -> bool:
     try:
         from fastp2p.config import TrainConfig
@@ -1060,7 +1083,8 @@ def step_pytest(ctx: Ctx) -> None:
 STEP_FUNCS = {"env": step_env, "kernels_exact": step_kernels_exact, "kernels_timing": step_kernels_timing,
               "train_b1": step_train, "train_b16": step_train, "train_b64": step_train,
               "cuda_graph": step_cuda_graph, "compile_b16": step_compile, "compile_b16_triton": step_compile,
-              "infer": step_infer, "loaders": step_loaders, "pytest_gpu": step_pytest, "pytest_kernels": step_pytest}
+              "infer": step_infer, "loaders": step_loaders, "train_skips": step_train_skips, "pytest_gpu": step_pytest,
+              "pytest_kernels": step_pytest}
 
 
 def run_step(name: str, outdir: Path, dry: bool, sleep_after_first: float = 0.0) -> int:

@@ -527,9 +527,11 @@ def apply_training_transforms(G: nn.Module, D: nn.Module, cfg, device) -> tuple[
     if backend == "triton":
         apply_fused_kernels(G, "triton")
         apply_fused_kernels(D, "triton")
-    # The U-Net up path's ReLU(cat) as one write into a preallocated buffer: opt-in until a GPU run confirms it.
-    if os.environ.get(FUSED_SKIPS_ENV, "") == "1":
-        apply_fused_skips(G)
+    # The U-Net up path's ReLU(cat) as one write into a preallocated buffer ("norm": the up norms' Triton kernels write
+    # their slice of it themselves): opt-in until a GPU run confirms it.
+    skips = fused_skips_mode()
+    if skips:
+        apply_fused_skips(G, norm_writes=skips == "norm")
     if device.type == "cpu" and not cl and not getattr(t, "compile", False):
         apply_gemm_convs(G)
         apply_gemm_convs(D)
@@ -765,10 +767,27 @@ def optimize_for_inference(G: nn.Module, example_shape, method: str = "auto", mo
 FUSED_SKIPS_ENV = "FASTP2P_FUSED_SKIPS"
 
 
-def apply_fused_skips(G: nn.Module) -> nn.Module:
+def fused_skips_mode() -> str | None:
+    """``$FASTP2P_FUSED_SKIPS``: unset/empty/0 -> None (the plain cat + ReLU), ``1`` -> ``"relu_cat"``, ``norm`` ->
+    ``"norm"`` (relu_cat, and the up norms' Triton kernels write their slice of the buffer)."""
+    v = os.environ.get(FUSED_SKIPS_ENV, "").strip().lower()
+    if v in ("", "0"):
+        return None
+    if v in ("1", "relu_cat"):
+        return "relu_cat"
+    if v == "norm":
+        return "norm"
+    from .errors import UserError
+
+    raise UserError(f"{FUSED_SKIPS_ENV}={v!r}: use 1 (relu_cat), norm (norm kernels write the slices) or leave it "
+                    "unset")
+
+
+def apply_fused_skips(G: nn.Module, norm_writes: bool = False) -> nn.Module:
     """The U-Net up path's ``ReLU(cat[a_i, u_{i+1}])`` written once into a preallocated buffer (``fastp2p.kernels.
-    unet_skip``): same math, same state_dict keys, 2 passes over each level's activations instead of 4. In place;
-    returns ``G``. ``apply_training_transforms`` calls it when ``FASTP2P_FUSED_SKIPS=1`` (off by default)."""
+    unet_skip``): same math, same state_dict keys, 2 passes over each level's activations instead of 4; with
+    ``norm_writes`` the up norms' Triton kernels write ``ReLU(u_{i+1})`` into the buffer themselves. In place; returns
+    ``G``. ``apply_training_transforms`` calls it per ``FASTP2P_FUSED_SKIPS`` (off by default)."""
     from .kernels import apply_fused_skips as _apply
 
-    return _apply(G)
+    return _apply(G, norm_writes=norm_writes)

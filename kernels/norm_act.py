@@ -42,12 +42,11 @@ ReLU(cat[a_i, u_{i+1}]) before every up conv is one write, ReLU(a_i) and ReLU(u_
 preallocated buffer (2 passes instead of cat + ReLU's 4; ReLU(LeakyReLU(h)) = ReLU(h), and ReLU commutes with dropout's
 non-negative scaling), with a Function per level whose backward is ReLU's threshold_backward, sliced per producer.
 Tests: tests/test_unet_skip.py (float64, bit-equal to the plain U-Net, forward, every gradient, running statistics).
-Not built yet: these kernels writing the slices themselves, which would drop the remaining read of a_i / u_{i+1}: the
-down-path apply kernel storing a second output ReLU(h_i) into the buffer's first C_i channels (next to LeakyReLU(h_i)
-for the down conv), the up-path one (act="relu", levels without dropout) storing into the rest. The launchers already
-take a channel slice's (n, c, l) strides; missing are an ``out=`` for y (a custom_op cannot return an alias of its
-input, so the level's Function would launch them itself), ``_dense`` accepting a channel-slice ``dy`` without a copy,
-and the second store in ``_apply_tiles``.
+Up-path slice writes (``apply_fused_skips(model, norm_writes=True)`` / ``FASTP2P_FUSED_SKIPS=norm``): the up norm's
+forward launcher takes ``out=`` (a channel slice of the join buffer; the kernels store through its (n, c, l) strides)
+with ``act="relu"``, and its backward reads the gradient's channel slice through its strides (``_nlc_addressable``: no
+copy), via ``FusedNormAct.forward_into`` / ``backward_from``. Not built: the down-path kernel storing a second output
+ReLU(h_i) into the buffer's first channels.
 Memory format: NCHW-contiguous and channels-last (NHWC) inputs run as they are (the kernels take (n, c, h*w) strides;
 outputs keep the input's format). A tensor that is neither is made dense *in its suggested format*, never with a bare
 ``.contiguous()``. ``dy`` may come in the other format; it is read through its own strides.
@@ -539,6 +538,27 @@ def _dense(t: Tensor) -> Tensor:
     return t.contiguous(memory_format=fmt)
 
 
+def _nlc_addressable(t: Tensor) -> bool:
+    """Whether the kernels can address ``t`` through (n, c, l) strides as it is: 4-D, with each channel plane's H*W
+    positions one stride apart (l = h * W + w). Dense NCHW / NHWC tensors are, and so is a channel slice of one (the
+    U-Net's concatenation buffer: ``buf[:, c0:c1]``)."""
+    if t.dim() != 4:
+        return False
+    H, W = t.shape[2], t.shape[3]
+    return H == 1 or W == 1 or t.stride(2) == W * t.stride(3)
+
+
+def _check_out(out: Tensor, x: Tensor) -> Tensor:
+    """``out`` for a forward launcher: x's shape, dtype and device, positions addressable by one stride, no two
+    elements at one address (a channel slice of a dense buffer is the case this is for)."""
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"norm_act: out= must match x ({tuple(x.shape)}, {x.dtype}, {x.device}), got "
+                         f"({tuple(out.shape)}, {out.dtype}, {out.device})")
+    if not _nlc_addressable(out) or any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape, strict=True)):
+        raise ValueError(f"norm_act: out= with strides {out.stride()} is not a dense tensor or a channel slice of one")
+    return out.fill_(float("nan")) if _POISON else out
+
+
 def _nlc_strides(t: Tensor) -> tuple[int, int, int]:
     """(n, c, l) strides of a dense 4-D tensor, l = h * W + w. A size-1 dimension's stride is arbitrary in a
     contiguous tensor, so with W == 1 the position stride is H's."""
@@ -670,7 +690,8 @@ def _bwd_start(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None
     an empty input, when dx and zero dw/db are the whole answer)."""
     _check_args(x, stats, act)
     _require_triton(x)
-    x, dy = _dense(x), _dense(dy)
+    # dy is read through its own strides: a channel slice of the next layer's gradient (unet_skip's join) as it is
+    x, dy = _dense(x), (dy if _nlc_addressable(dy) else _dense(dy))
     dx = _empty_like(x)
     if x.numel() == 0:
         return x, dy, dx, None
@@ -686,15 +707,17 @@ def _bwd_start(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None
 
 def norm_act_forward_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean_in: Tensor | None,
                             var_in: Tensor | None, stats: str, act: str, eps: float, slope: float,
-                            _wrap: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                            _wrap: bool = False, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the forward kernels: returns (y, mean, var), mean/var fp32 (biased variance), shaped (N, C) for
-    ``"instance"`` and (C,) otherwise; for ``"running"`` they are fp32 copies of ``mean_in`` / ``var_in``."""
+    ``"instance"`` and (C,) otherwise; for ``"running"`` they are fp32 copies of ``mean_in`` / ``var_in``. ``out``:
+    write y there (x's shape and dtype; may be a channel slice of a larger buffer) and return it as y (eager
+    callers only: the custom ops never pass it, since an op cannot return an alias of its input)."""
     _check_args(x, stats, act)
     _require_triton(x)
     x = _dense(x)
     N, C, H, W = x.shape
     L = H * W
-    y = _empty_like(x)
+    y = _empty_like(x) if out is None else _check_out(out, x)
     if stats == "running":
         mean = mean_in.detach().to(torch.float32, copy=True)
         var = var_in.detach().to(torch.float32, copy=True)
@@ -764,16 +787,18 @@ def _block_p(rows: int, bc: int) -> int:
 def norm_act_forward_v2(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean_in: Tensor | None,
                         var_in: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
                         num_batches_tracked: Tensor | None, stats: str, act: str, eps: float, slope: float,
-                        momentum: float, cumulative: bool, _wrap: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                        momentum: float, cumulative: bool, _wrap: bool = False,
+                        out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``norm_act_forward_triton`` in at most 2 launches, which also update ``running_mean`` / ``running_var`` (given
     for ``"batch"``: momentum ``momentum``, or the cumulative average when ``cumulative``) and bump
-    ``num_batches_tracked`` (when given) in place, on the device: nothing is read back to the host."""
+    ``num_batches_tracked`` (when given) in place, on the device: nothing is read back to the host. ``out`` as in
+    ``norm_act_forward_triton``."""
     _check_args(x, stats, act)
     _require_triton(x)
     x = _dense(x)
     N, C, H, W = x.shape
     L = H * W
-    y = _empty_like(x)
+    y = _empty_like(x) if out is None else _check_out(out, x)
     mean = _empty(_stats_shape(x, stats), torch.float32, x.device)
     var = _empty(_stats_shape(x, stats), torch.float32, x.device)
     if x.numel() == 0:
@@ -1160,7 +1185,8 @@ class FusedNormAct(nn.Module):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         return factor
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _checked_mode(self, x: Tensor) -> tuple[str, bool]:
+        """``_mode()`` after the input checks ``nn.BatchNorm2d`` / ``nn.InstanceNorm2d`` make (same messages)."""
         if x.dim() != 4:
             raise ValueError(f"expected 4D input (got {x.dim()}D input)")
         stats, update = self._mode()
@@ -1168,6 +1194,10 @@ class FusedNormAct(nn.Module):
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}")
         if stats == "instance" and x.shape[2] * x.shape[3] <= 1:
             raise ValueError(f"Expected more than 1 spatial element when training, got input size {tuple(x.shape)}")
+        return stats, update
+
+    def forward(self, x: Tensor) -> Tensor:
+        stats, update = self._checked_mode(x)
         if self.backend == "torch":
             return self._forward_torch(x, stats)
         if self.variant == "v2":
@@ -1176,13 +1206,55 @@ class FusedNormAct(nn.Module):
         y, mean, var = REGISTRATIONS[self.registration](
             x, self.weight, self.bias, self.running_mean if stats == "running" else None,
             self.running_var if stats == "running" else None, stats, self.act, self.eps, self.slope)
-        if update and self.running_mean is not None:
-            with torch.no_grad():
-                m = x.numel() // x.shape[1]
-                rm, rv = self.running_mean, self.running_var
-                rm.copy_(mean * factor + rm * (1.0 - factor))
-                rv.copy_(var * (factor * m / (m - 1)) + rv * (1.0 - factor))
+        if update:
+            self._update_running_v1(x, mean, var, factor)
         return y
+
+    def _update_running_v1(self, x: Tensor, mean: Tensor, var: Tensor, factor: float) -> None:
+        # v1: nn.BatchNorm2d's running-statistics update, from the batch statistics the kernels returned
+        if self.running_mean is None:
+            return
+        with torch.no_grad():
+            m = x.numel() // x.shape[1]
+            rm, rv = self.running_mean, self.running_var
+            rm.copy_(mean * factor + rm * (1.0 - factor))
+            rv.copy_(var * (factor * m / (m - 1)) + rv * (1.0 - factor))
+
+    # -- eager entry points for callers that place the output themselves (kernels.unet_skip's slice writes) --
+    def forward_into(self, x: Tensor, out: Tensor, act: str | None = None) -> tuple[Tensor, Tensor, str]:
+        """``act(norm(x))`` written into ``out`` (x's shape and dtype, e.g. a channel slice of a concatenation
+        buffer) by the Triton kernels of this module's variant, running statistics moved as ``forward`` moves them.
+        ``act`` overrides the module's own (unet_skip applies the join's ReLU here). No autograd: the caller's
+        ``autograd.Function`` saves x, the returned fp32 (mean, var) and the stats mode for ``backward_from``."""
+        if self.backend != "triton":
+            raise RuntimeError("FusedNormAct.forward_into needs backend='triton'")
+        act = self.act if act is None else act
+        stats, update = self._checked_mode(x)
+        running = stats == "running"
+        rm_in = self.running_mean if running else None
+        rv_in = self.running_var if running else None
+        if self.variant == "v2":
+            nbt = self.num_batches_tracked if update else None
+            _y, mean, var = norm_act_forward_v2(
+                x, self.weight, self.bias, rm_in, rv_in, self.running_mean if update else None,
+                self.running_var if update else None, nbt, stats, act, self.eps, self.slope,
+                0.0 if self.momentum is None else float(self.momentum), self.momentum is None and nbt is not None,
+                out=out)
+            return mean, var, stats
+        factor = self._momentum() if update else 0.0
+        _y, mean, var = norm_act_forward_triton(x, self.weight, self.bias, rm_in, rv_in, stats, act, self.eps,
+                                                self.slope, out=out)
+        if update:
+            self._update_running_v1(x, mean, var, factor)
+        return mean, var, stats
+
+    def backward_from(self, dy: Tensor, x: Tensor, mean: Tensor, var: Tensor, stats: str,
+                      act: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The backward of ``forward_into``: (dx, dweight, dbias), the last two fp32 (C,). ``dy`` may be a channel
+        slice of the buffer's gradient: it is read through its strides, not copied."""
+        act = self.act if act is None else act
+        bwd = norm_act_backward_v2 if self.variant == "v2" else norm_act_backward_triton
+        return bwd(dy, x, self.weight, self.bias, mean, var, stats, act, self.eps, self.slope)
 
     def _forward_v2(self, x: Tensor, stats: str, update: bool) -> Tensor:
         # One op call: the kernels update the running statistics and num_batches_tracked on the device, and

@@ -1,7 +1,8 @@
 """GPU-only checks (``pytest -m gpu``; every test takes the ``cuda`` fixture, so each skips without a CUDA GPU):
 the compiled Triton norm kernels against a float64 reference at the pix2pix nets' real norm sites (batch 16, fp32 and
 bf16, channels-last, outputs poisoned with NaN before the kernels run), the fused modules under ``torch.compile``, and
-the gpu-cache loader on CUDA against the same loader on the CPU. TensorRT's GPU tests live in tests/test_engines.py,
+the U-Net's norm slice writes against the relu_cat path, and the gpu-cache loader on CUDA against the same loader on
+the CPU. TensorRT's GPU tests live in tests/test_engines.py,
 the CUDA-graph step's in tests/test_graphs.py, DALI mixed in tests/test_loaders_sync_free.py (all marked ``gpu``)."""
 
 from __future__ import annotations
@@ -93,6 +94,37 @@ def test_fused_norm_act_under_torch_compile_matches_eager(cuda, registration):
     torch.testing.assert_close(comp_mod.running_mean, eager.running_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(comp_mod.running_var, eager.running_var, rtol=1e-5, atol=1e-6)
     assert outs[1][0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_unet_norm_writes_equal_relu_cat_on_cuda(cuda, variant):
+    """kernels/unet_skip's norm writes on compiled kernels: unet_256 at batch 2, bf16 autocast, channels-last, train
+    mode (dropout, same seed), poisoned buffers; forward, input gradient, every parameter gradient and the running
+    statistics equal the relu_cat path's bit for bit (same kernels, same configs; deterministic cuDNN)."""
+    _compiled_triton()
+    from fastp2p.models.unet import UnetGenerator
+
+    torch.manual_seed(0)
+    base = UnetGenerator(3, 3, num_downs=8, ngf=16).cuda().to(memory_format=torch.channels_last)
+    kernels.apply_fused_kernels(base, "triton", variant=variant)
+    models = [kernels.apply_fused_skips(copy.deepcopy(base), norm_writes=w) for w in (False, True)]
+    x = torch.randn(2, 3, 256, 256, device="cuda").contiguous(memory_format=torch.channels_last)
+    outs = []
+    for g in models:
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        with na.poisoned_outputs(), torch.autocast("cuda", torch.bfloat16):
+            y = g(xi)
+        (y.float() * torch.linspace(-1, 1, y.numel(), device="cuda").view_as(y)).sum().backward()
+        outs.append((y.detach(), xi.grad, {k: p.grad for k, p in g.named_parameters()}, dict(g.named_buffers())))
+    (ya, ga, pa, ba), (yb, gb, pb, bb) = outs
+    assert not torch.isnan(yb).any()
+    torch.testing.assert_close(yb, ya, rtol=0, atol=0)
+    torch.testing.assert_close(gb, ga, rtol=0, atol=0)
+    for k in pa:
+        torch.testing.assert_close(pb[k], pa[k], rtol=0, atol=0, msg=k)
+    for k in ba:
+        torch.testing.assert_close(bb[k], ba[k], rtol=0, atol=0, msg=k)
 
 
 # -- gpu-cache on CUDA -------------------------------------------------------------------------------------------------

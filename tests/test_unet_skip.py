@@ -164,3 +164,133 @@ def test_composes_with_triton_kernels():
     fused = kernels.apply_fused_skips(copy.deepcopy(base))
     x = torch.randn(2, 3, 32, 32, device=device)
     _assert_same(_run(fused, x), _run(base, x))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# norm_writes: the up norms' Triton kernels write ReLU(u) into the join buffer themselves
+# ---------------------------------------------------------------------------------------------------------------------
+_TRITON = kernels.norm_act.triton_usable("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif(not _TRITON, reason="Triton not installed (or no CUDA and no TRITON_INTERPRET=1)")
+_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _triton_unet(num_downs=5, norm="batch", dropout=False, variant="v2", fmt=torch.contiguous_format):
+    torch.manual_seed(0)
+    g = UnetGenerator(3, 3, num_downs=num_downs, ngf=2, norm=norm, use_dropout=dropout).to(_DEV)
+    return kernels.apply_fused_kernels(g, "triton", variant=variant).to(memory_format=fmt)
+
+
+def _clamps(g, x, seed=5) -> int:
+    torch.manual_seed(seed)  # the same dropout masks for every model counted
+    with _OpLog() as log:
+        g(x).sum().backward()
+    return log.ops.count("clamp_min")
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+@pytest.mark.parametrize("norm,fmt", [("batch", torch.contiguous_format), ("batch", CL), ("instance", CL)],
+                         ids=["batch-nchw", "batch-nhwc", "instance-nhwc"])
+def test_norm_writes_equal_relu_cat_path_bit_for_bit(variant, norm, fmt):
+    # Same kernels, same config (it depends on x only), so the same fp32 values: relu(round(z)) == round(relu(z)) in
+    # the buffer, and backward (z > 0) * dy == threshold_backward(dy, relu(z)) feeds the same reductions. Poisoned
+    # buffers: a slice element nobody wrote would be NaN.
+    base = _triton_unet(norm=norm, variant=variant, fmt=fmt)
+    relu_cat = kernels.apply_fused_skips(copy.deepcopy(base))
+    writes = kernels.apply_fused_skips(copy.deepcopy(base), norm_writes=True)
+    x = torch.randn(2, 3, 32, 32, device=_DEV).to(memory_format=fmt)
+    with kernels.norm_act.poisoned_outputs():
+        _assert_same(_run(writes, x), _run(relu_cat, x))
+        _assert_same(_run(writes, x), _run(relu_cat, x))  # second step: running statistics moved alike again
+    # every one of the 4 join levels took the norm write: one clamp (the skip's) per level instead of two
+    assert _clamps(relu_cat, x) == 8 and _clamps(writes, x) == 4
+    with kernels.norm_act.counted_launches() as a:
+        relu_cat(x)
+    with kernels.norm_act.counted_launches() as b:
+        writes(x)
+    assert a == b  # the same kernel launches, nothing extra
+
+
+@needs_triton
+def test_norm_writes_skip_dropout_levels_in_training_only():
+    base = _triton_unet(num_downs=6, dropout=True)  # dropout on up level 4 (a 2x2 level here)
+    relu_cat = kernels.apply_fused_skips(copy.deepcopy(base))
+    writes = kernels.apply_fused_skips(copy.deepcopy(base), norm_writes=True)
+    x = torch.randn(2, 3, 64, 64, device=_DEV)
+    _assert_same(_run(writes, x, seed=3), _run(relu_cat, x, seed=3))  # the same dropout masks: same RNG order
+    # 5 join levels; the one after the dropout level joins by relu_cat (both step, keeping running statistics equal)
+    assert _clamps(writes, x) == 4 * 1 + 2 and _clamps(relu_cat, x) == 5 * 2
+    for g in (relu_cat, writes):
+        g.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(writes(x), relu_cat(x), rtol=0, atol=0)
+    assert _clamps(writes, x) == 5  # eval: dropout is the identity, every level writes
+
+
+@needs_triton
+def test_norm_writes_leave_hooked_norms_alone():
+    # distillation taps up_norm outputs with forward hooks: a hooked norm must still be called
+    base = _triton_unet()
+    writes = kernels.apply_fused_skips(copy.deepcopy(base), norm_writes=True)
+    seen = []
+    writes.up_norm[2].register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape)))
+    x = torch.randn(2, 3, 32, 32, device=_DEV)
+    _assert_same(_run(writes, x), _run(kernels.apply_fused_skips(copy.deepcopy(base)), x))
+    assert seen == [(2, 4, 8, 8)]
+    assert _clamps(writes, x) == 3 + 2
+
+
+def test_norm_writes_fall_back_without_triton_norms_and_under_compile():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    plain = UnetGenerator(3, 3, num_downs=5, ngf=2).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for g in (kernels.apply_fused_skips(copy.deepcopy(plain), norm_writes=True),
+              kernels.apply_fused_skips(kernels.apply_fused_kernels(copy.deepcopy(plain), "torch"), norm_writes=True)):
+        assert g.norm_writes
+        _assert_same(_run(g, x), _run(copy.deepcopy(plain), x))
+    g = kernels.apply_fused_skips(copy.deepcopy(plain).float(), norm_writes=True)
+    y_c, gx_c, _, _ = _run(torch.compile(g, backend="aot_eager", fullgraph=True), x.float())
+    y_r, gx_r, _, _ = _run(plain.float(), x.float())
+    torch.testing.assert_close(y_c, y_r, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gx_c, gx_r, atol=1e-6, rtol=1e-5)
+    assert type(kernels.remove_fused_skips(g)) is UnetGenerator and "norm_writes" not in vars(g)
+    back = pickle.loads(pickle.dumps(kernels.apply_fused_skips(g, norm_writes=True)))
+    assert back.norm_writes
+
+
+@needs_triton
+def test_forward_out_and_sliced_dy_checked_and_exact():
+    na = kernels.norm_act
+    x = torch.randn(2, 3, 4, 5, device=_DEV)
+    y, mean, var = na.norm_act_forward_v2(x, None, None, None, None, None, None, None, "batch", "relu", 1e-5, 0.2,
+                                          0.1, False)
+    buf = torch.full((2, 7, 4, 5), 7.0, device=_DEV)
+    out = buf[:, 2:5]
+    y2, _, _ = na.norm_act_forward_v2(x, None, None, None, None, None, None, None, "batch", "relu", 1e-5, 0.2, 0.1,
+                                      False, out=out)
+    assert y2.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(buf[:, 2:5], y, rtol=0, atol=0)
+    assert (buf[:, :2] == 7).all() and (buf[:, 5:] == 7).all()  # nothing outside the slice touched
+    g = torch.randn(2, 7, 4, 5, device=_DEV)
+    sliced = na.norm_act_backward_v2(g[:, 2:5], x, None, None, mean, var, "batch", "relu", 1e-5, 0.2)
+    dense = na.norm_act_backward_v2(g[:, 2:5].contiguous(), x, None, None, mean, var, "batch", "relu", 1e-5, 0.2)
+    for s, d in zip(sliced, dense, strict=True):
+        torch.testing.assert_close(s, d, rtol=0, atol=0)
+    for bad in (buf[:, :2], buf[:, 2:5].to(torch.float64), torch.zeros(2, 3, 4, 1, device=_DEV).expand(2, 3, 4, 5)):
+        with pytest.raises(ValueError, match="out="):
+            na.norm_act_forward_triton(x, None, None, None, None, "batch", "relu", 1e-5, 0.2, out=bad)
+
+
+def test_fused_skips_env_modes(monkeypatch):
+    cfg = Config(ModelConfig(netG="unet_128", ngf=2, ndf=2), train=TrainConfig(kernels="torch"))
+    for env, want in (("", None), ("0", None), ("1", False), ("relu_cat", False), ("norm", True)):
+        monkeypatch.setenv("FASTP2P_FUSED_SKIPS", env)
+        G = build_generator("unet_128", ngf=2)
+        perf.apply_training_transforms(G, build_discriminator(ndf=2), cfg, "cpu")
+        assert (type(G) is UnetGenerator) if want is None else (G.norm_writes is want)
+    from fastp2p.errors import UserError
+
+    monkeypatch.setenv("FASTP2P_FUSED_SKIPS", "yes")
+    with pytest.raises(UserError, match="FASTP2P_FUSED_SKIPS='yes'"):
+        perf.fused_skips_mode()

@@ -85,7 +85,8 @@ class UnetGenerator(nn.Module):
             dropout = use_dropout and 4 <= i < num_downs - 1
             self.up_dropout.append(nn.Dropout(0.5) if dropout else nn.Identity())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The down path: (h_n, [a_1, ..., a_{n-1}])."""
         skips = []
         a = x
         n = self.num_downs
@@ -93,7 +94,11 @@ class UnetGenerator(nn.Module):
             a = self.down_act[i](self.down_norm[i](self.down[i](a)))
             if i != n - 1:
                 skips.append(a)
-        u = a
+        return a, skips
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, skips = self.encode(x)
+        n = self.num_downs
         for i in reversed(range(n)):
             u = torch.relu(u) if i == n - 1 else self.join(skips[i], u)
             u = self.up_dropout[i](self.up_norm[i](self.up[i](u)))
